@@ -1,0 +1,87 @@
+// Kernel interface: one dispatch table per instruction set, one signature for every
+// (bits, layout, compute path). The table is filled by one file per ISA (src/kernels/*.cc),
+// chosen once by CPU feature detection (src/dispatch.cc).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "quantx/format.h"
+
+namespace quantx {
+
+// Read-only view of one packed weight plus the small tables derived from it once, when the
+// kernel is created. Nothing here copies the codes.
+struct WeightView {
+  WeightFormat fmt;
+  const uint8_t* B = nullptr;
+  const void* scales = nullptr;  // float16 or float32, see scales_f16
+  bool scales_f16 = true;
+  const uint8_t* zero_points = nullptr;  // nullptr: symmetric, zero = 2^(bits-1)
+  const uint8_t* sub_scales = nullptr;   // hierarchical only
+  // Codebook (non-uniform grid): value = scale * codebook[row][code]; row = n or 0.
+  const float* codebook = nullptr;  // [codebook_rows][levels]
+  int64_t codebook_rows = 0;
+  // Int8 path: codebook entries as int8 (round(cb * 127 / max|cb_row|)), and the factor
+  // max|cb_row| / 127 that brings them back to codebook units.
+  const int8_t* codebook_i8 = nullptr;
+  const float* codebook_i8_scale = nullptr;
+};
+
+// Derived codebook tables (owned by the op kernel, referenced by WeightView).
+struct CodebookTables {
+  std::vector<float> values;     // [rows][levels] float32
+  std::vector<int8_t> values_i8; // [rows][levels]
+  std::vector<float> scale_i8;   // [rows]
+  int64_t rows = 0;
+};
+// Builds the tables from a codebook given as float32 or float16 (raw bits) data.
+CodebookTables MakeCodebookTables(const void* data, bool is_f16, int64_t rows, int levels);
+
+// Arguments of one matmul: Y[M, N] = A[M, K] * W + bias. Activations are given on the
+// "stored" k axis (groups padded to multiples of 16 with zeros), as floats or int8.
+struct MatMulArgs {
+  const WeightView* w = nullptr;
+  const KBlock* blocks = nullptr;  // activation blocks over the stored k axis
+  int64_t n_blocks = 0;
+  ComputePath path = ComputePath::kFloat;
+  int64_t M = 0;
+  // float path: A[M][lda], lda >= k_stored
+  const float* a_f32 = nullptr;
+  int64_t lda = 0;
+  // int8 path: A8[M][lda], scale and sum [M][n_blocks]: a ~= a_scale * a_i8 per block
+  const int8_t* a_i8 = nullptr;
+  const float* a_scale = nullptr;
+  const int32_t* a_sum = nullptr;
+  float* y = nullptr;  // [M][ldy]; columns [0, N) are written
+  int64_t ldy = 0;
+  const float* bias = nullptr;  // [N] or nullptr
+};
+
+// Computes Y for column tiles [tile_begin, tile_end) and rows [row_begin, row_end).
+using MatMulFn = void (*)(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end,
+                          int64_t row_begin, int64_t row_end);
+
+// Int8 path: quantizes rows of A (on the stored k axis) per block, symmetric absmax:
+// scale = max|a| / 127, q = nearbyint(a * (127 / max|a|)), sum = sum of q.
+using QuantizeActFn = void (*)(const float* a, int64_t M, int64_t lda, const KBlock* blocks,
+                               int64_t n_blocks, int8_t* q, float* scale, int32_t* sum);
+
+struct KernelTable {
+  const char* name;  // "ref", "avx2", "avx512", "neon", "neon-dotprod"
+  MatMulFn matmul;   // handles every (bits, layout, path); fused fast paths where native
+  QuantizeActFn quantize_activations;
+  // True where `matmul` reads (bits, layout, path) natively rather than through the
+  // portable unpacker.
+  bool (*is_native)(int bits, Layout layout, ComputePath path);
+};
+
+// Tables compiled into this build; nullptr where the ISA is not compiled in.
+const KernelTable* RefKernels();
+const KernelTable* Avx2Kernels();
+const KernelTable* Avx512Kernels();
+const KernelTable* NeonKernels();
+const KernelTable* NeonDotKernels();
+
+}  // namespace quantx

@@ -1,0 +1,109 @@
+#include "quantx/matmul.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/decode.h"
+
+namespace quantx {
+
+ParallelFor SerialFor() {
+  return [](int64_t n, const std::function<void(int64_t)>& fn) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+  };
+}
+
+void InitPlan(MatMulPlan* plan) {
+  plan->blocks = MakeKBlocks(plan->w.fmt, kActBlockMax);
+}
+
+namespace {
+
+constexpr int64_t kDecodeRows = 4;    // up to this many rows: weights streamed once per item
+constexpr int64_t kRowChunk = 256;    // prefill: rows per work item
+constexpr int64_t kMaxItems = 64;     // target number of tile chunks
+
+// Copies row m of A onto the stored k axis: groups padded with zeros, input scale applied.
+void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, float* out) {
+  const WeightFormat& f = plan.w.fmt;
+  const int64_t K = f.K;
+  const float* a32 = static_cast<const float*>(a) + m * K;
+  const uint16_t* a16 = static_cast<const uint16_t*>(a) + m * K;
+  for (int64_t j = 0; j < f.n_groups(); ++j) {
+    const int64_t src = j * f.group(), len = f.group_length(j);
+    float* dst = out + f.stored_offset(j);
+    for (int64_t k = 0; k < len; ++k) {
+      float v = type == ElemType::kFloat32 ? a32[src + k] : HalfToFloat(a16[src + k]);
+      if (plan.input_scale) v *= plan.input_scale[src + k];
+      dst[k] = v;
+    }
+    std::fill(dst + len, dst + f.stored_length(j), 0.0f);
+  }
+}
+
+}  // namespace
+
+void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, void* y,
+               const ParallelFor& parallel_for) {
+  if (M <= 0) return;
+  const WeightFormat& f = plan.w.fmt;
+  const int64_t ks = f.k_stored();
+  const int64_t nb = static_cast<int64_t>(plan.blocks.size());
+  const bool int8 = plan.path == ComputePath::kInt8;
+
+  std::vector<float> a_pad(static_cast<size_t>(M * ks));
+  std::vector<int8_t> a_i8(int8 ? static_cast<size_t>(M * ks) : 0);
+  std::vector<float> a_scale(int8 ? static_cast<size_t>(M * nb) : 0);
+  std::vector<int32_t> a_sum(int8 ? static_cast<size_t>(M * nb) : 0);
+  std::vector<float> y32(type == ElemType::kFloat16 ? static_cast<size_t>(M * f.N) : 0);
+
+  // Activation preparation, by row chunks.
+  const int64_t prep_chunk = std::max<int64_t>(1, (1 << 16) / ks);
+  const int64_t prep_items = CeilDiv(M, prep_chunk);
+  auto prep = [&](int64_t item) {
+    const int64_t m0 = item * prep_chunk, m1 = std::min(M, m0 + prep_chunk);
+    for (int64_t m = m0; m < m1; ++m) PadRow(plan, a, type, m, a_pad.data() + m * ks);
+    if (int8)
+      plan.kernels->quantize_activations(a_pad.data() + m0 * ks, m1 - m0, ks, plan.blocks.data(),
+                                         nb, a_i8.data() + m0 * ks, a_scale.data() + m0 * nb,
+                                         a_sum.data() + m0 * nb);
+  };
+  if (prep_items == 1)
+    prep(0);
+  else
+    parallel_for(prep_items, prep);
+
+  MatMulArgs args;
+  args.w = &plan.w;
+  args.blocks = plan.blocks.data();
+  args.n_blocks = nb;
+  args.path = plan.path;
+  args.M = M;
+  args.a_f32 = a_pad.data();
+  args.lda = ks;
+  args.a_i8 = int8 ? a_i8.data() : nullptr;
+  args.a_scale = int8 ? a_scale.data() : nullptr;
+  args.a_sum = int8 ? a_sum.data() : nullptr;
+  args.y = type == ElemType::kFloat16 ? y32.data() : static_cast<float*>(y);
+  args.ldy = f.N;
+  args.bias = plan.bias;
+
+  const int64_t T = f.n_tiles();
+  const int64_t row_chunk = M <= kDecodeRows ? M : std::min(M, kRowChunk);
+  const int64_t row_items = CeilDiv(M, row_chunk);
+  const int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(T * row_items, kMaxItems));
+  const int64_t tile_items = CeilDiv(T, tile_chunk);
+  parallel_for(row_items * tile_items, [&](int64_t item) {
+    const int64_t r = item / tile_items, t = item % tile_items;
+    const int64_t t0 = t * tile_chunk, t1 = std::min(T, t0 + tile_chunk);
+    const int64_t m0 = r * row_chunk, m1 = std::min(M, m0 + row_chunk);
+    plan.kernels->matmul(args, t0, t1, m0, m1);
+  });
+
+  if (type == ElemType::kFloat16) {
+    uint16_t* y16 = static_cast<uint16_t*>(y);
+    for (int64_t i = 0; i < M * f.N; ++i) y16[i] = FloatToHalf(y32[i]);
+  }
+}
+
+}  // namespace quantx

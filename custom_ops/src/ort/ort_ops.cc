@@ -1,0 +1,560 @@
+// ONNX Runtime glue: registers the com.quantx ops, validates every node when its kernel is
+// created and every input when it runs, and reports problems as ORT error statuses naming the
+// node. No exception crosses the C API boundary.
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include "../kernels/decode.h"
+#include "quantx/dispatch.h"
+#include "quantx/matmul.h"
+
+namespace quantx {
+namespace {
+
+// Oldest ORT API with everything used here (KernelContext_ParallelFor came in 1.17).
+constexpr uint32_t kMinOrtApi = 17;
+constexpr const char* kDomain = "com.quantx";
+
+const OrtApi* g_api = nullptr;
+
+// Thrown by validation; turned into an ORT status at the boundary.
+struct OpError {
+  std::string message;
+};
+
+[[noreturn]] void Fail(const std::string& node, const std::string& op, const std::string& what) {
+  throw OpError{op + " node '" + node + "': " + what};
+}
+
+template <typename Fn>
+OrtStatusPtr Guard(Fn&& fn) {
+  try {
+    fn();
+    return nullptr;
+  } catch (const OpError& e) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
+  } catch (const Ort::Exception& e) {
+    return g_api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, "quantx: out of memory");
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "quantx: unknown error");
+  }
+}
+
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+// Inputs shared by both ops, after the op's first input.
+enum WeightInput { kB = 0, kScales, kZeroPoints, kSubScales, kCodebook, kInputScale, kNumWeight };
+const char* const kWeightInputNames[kNumWeight] = {"B",        "scales",   "zero_points",
+                                                   "sub_scales", "codebook", "input_scale"};
+
+struct Tensor {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t count() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+Tensor Describe(const Ort::ConstValue& v) {
+  Tensor t;
+  if (!v) return t;
+  t.present = true;
+  auto info = v.GetTensorTypeAndShapeInfo();
+  t.type = info.GetElementType();
+  t.shape = info.GetShape();
+  t.data = v.GetTensorRawData();
+  return t;
+}
+
+bool IsFloat(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+// Attributes common to QxMatMul and QxGather.
+WeightFormat ReadFormat(const Ort::ConstKernelInfo& info, const std::string& node,
+                        const std::string& op) {
+  auto get = [&](const char* name, bool required, int64_t dflt) -> int64_t {
+    int64_t v = dflt;
+    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+    if (st) {
+      g_api->ReleaseStatus(st);
+      if (required) Fail(node, op, std::string("missing required int attribute '") + name + "'");
+      return dflt;
+    }
+    return v;
+  };
+  WeightFormat f;
+  f.K = get("K", true, 0);
+  f.N = get("N", true, 0);
+  const int64_t bits = get("bits", true, 0);
+  f.group_size = get("group_size", true, 0);
+  const int64_t layout = get("layout", false, 0);
+  const int64_t scale_bits = get("scale_bits", false, 0);
+  const int64_t super_group = get("super_group", false, 0);
+  if (bits < 0 || bits > 64 || layout < 0 || layout > 64 || scale_bits < 0 || scale_bits > 64 ||
+      super_group < 0 || super_group > (int64_t{1} << 31))
+    Fail(node, op, "attribute out of range");
+  f.bits = static_cast<int>(bits);
+  f.layout = static_cast<Layout>(layout);
+  f.scale_bits = static_cast<int>(scale_bits);
+  f.super_group = static_cast<int>(super_group);
+  const std::string err = f.Validate();
+  if (!err.empty()) Fail(node, op, err);
+  return f;
+}
+
+// Checks every packed weight tensor against the format; throws naming the first problem.
+void ValidateWeights(const WeightFormat& f, const Tensor* t, const std::string& node,
+                     const std::string& op) {
+  const PackedShapes expect = ExpectedShapes(f);
+  auto need = [&](int idx, const std::vector<int64_t>& shape, bool is_float) {
+    const Tensor& x = t[idx];
+    const std::string name = kWeightInputNames[idx];
+    if (is_float ? !IsFloat(x.type) : x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+      Fail(node, op, "input '" + name + "' must be " + (is_float ? "float or float16" : "uint8"));
+    if (x.shape != shape)
+      Fail(node, op, "input '" + name + "' has shape " + ShapeStr(x.shape) + ", expected " +
+                         ShapeStr(shape) + " for K=" + std::to_string(f.K) +
+                         " N=" + std::to_string(f.N) + " bits=" + std::to_string(f.bits) +
+                         " group_size=" + std::to_string(f.group_size) +
+                         " layout=" + std::to_string(static_cast<int>(f.layout)));
+  };
+  if (!t[kB].present || !t[kScales].present) Fail(node, op, "inputs 'B' and 'scales' are required");
+  need(kB, expect.B, false);
+  need(kScales, expect.scales, true);
+  if (t[kZeroPoints].present) need(kZeroPoints, expect.zero_points, false);
+  if (f.scale_bits) {
+    if (!t[kSubScales].present) Fail(node, op, "scale_bits > 0 requires input 'sub_scales'");
+    need(kSubScales, expect.sub_scales, false);
+  } else if (t[kSubScales].present) {
+    Fail(node, op, "input 'sub_scales' given but scale_bits is 0");
+  }
+  if (t[kCodebook].present) {
+    const Tensor& cb = t[kCodebook];
+    if (!IsFloat(cb.type)) Fail(node, op, "input 'codebook' must be float or float16");
+    if (cb.shape.size() != 2 || (cb.shape[0] != 1 && cb.shape[0] != f.N) ||
+        cb.shape[1] != f.levels())
+      Fail(node, op, "input 'codebook' has shape " + ShapeStr(cb.shape) + ", expected [1 or " +
+                         std::to_string(f.N) + ", " + std::to_string(f.levels()) + "]");
+    if (t[kZeroPoints].present) Fail(node, op, "a codebook weight takes no 'zero_points'");
+  }
+  if (t[kInputScale].present) {
+    if (!IsFloat(t[kInputScale].type)) Fail(node, op, "input 'input_scale' must be float");
+    if (t[kInputScale].shape != std::vector<int64_t>{f.K})
+      Fail(node, op, "input 'input_scale' has shape " + ShapeStr(t[kInputScale].shape) +
+                         ", expected [" + std::to_string(f.K) + "]");
+  }
+}
+
+std::vector<float> ToFloat(const Tensor& t) {
+  std::vector<float> out(static_cast<size_t>(t.count()));
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i] = t.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                 ? HalfToFloat(static_cast<const uint16_t*>(t.data)[i])
+                 : static_cast<const float*>(t.data)[i];
+  return out;
+}
+
+// Float vectors derived from small inputs (codebook tables, input scale, bias).
+struct Derived {
+  CodebookTables codebook;
+  std::vector<float> input_scale, bias;
+};
+
+void Derive(const WeightFormat& f, const Tensor* w, const Tensor* bias, Derived* d) {
+  if (w[kCodebook].present)
+    d->codebook =
+        MakeCodebookTables(w[kCodebook].data, w[kCodebook].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                           w[kCodebook].shape[0], f.levels());
+  if (w[kInputScale].present) d->input_scale = ToFloat(w[kInputScale]);
+  if (bias && bias->present) d->bias = ToFloat(*bias);
+}
+
+WeightView MakeView(const WeightFormat& f, const Tensor* w, const Derived& d) {
+  WeightView v;
+  v.fmt = f;
+  v.B = static_cast<const uint8_t*>(w[kB].data);
+  v.scales = w[kScales].data;
+  v.scales_f16 = w[kScales].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  v.zero_points = static_cast<const uint8_t*>(w[kZeroPoints].data);
+  v.sub_scales = static_cast<const uint8_t*>(w[kSubScales].data);
+  if (w[kCodebook].present) {
+    v.codebook = d.codebook.values.data();
+    v.codebook_rows = d.codebook.rows;
+    v.codebook_i8 = d.codebook.values_i8.data();
+    v.codebook_i8_scale = d.codebook.scale_i8.data();
+  }
+  return v;
+}
+
+std::string NodeName(const Ort::ConstKernelInfo& info) {
+  try {
+    return info.GetNodeName();
+  } catch (...) {
+    return "?";
+  }
+}
+
+// Input `index` of the node if it is a constant initializer (else an absent Tensor). Also
+// reports whether the optional input is wired at all.
+Tensor ConstantInput(const Ort::ConstKernelInfo& info, size_t index, bool* wired) {
+  *wired = index < info.GetInputCount() && !info.GetInputName(index).empty();
+  if (!*wired) return Tensor{};
+  int is_const = 0;
+  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_const);
+  return is_const ? Describe(v) : Tensor{};
+}
+
+// Weight inputs of a kernel: validated at creation when constant, else on every run.
+struct WeightInputs {
+  size_t first = 0;  // node input index of 'B'
+  bool all_constant = false;
+  Tensor constant[kNumWeight];
+  Derived derived;
+
+  void Init(const Ort::ConstKernelInfo& info, const WeightFormat& f, size_t first_index,
+            const std::string& node, const std::string& op) {
+    first = first_index;
+    all_constant = true;
+    for (int i = 0; i < kNumWeight; ++i) {
+      bool wired = false;
+      constant[i] = ConstantInput(info, first + i, &wired);
+      if (wired && !constant[i].present) all_constant = false;
+    }
+    if (all_constant) {
+      ValidateWeights(f, constant, node, op);
+      Derive(f, constant, nullptr, &derived);
+    }
+  }
+
+  // The weight tensors of this run; validated unless they are the constants checked at creation.
+  void Fetch(Ort::KernelContext& ctx, const WeightFormat& f, const std::string& node,
+             const std::string& op, Tensor* out, Derived* local) const {
+    const size_t n_inputs = ctx.GetInputCount();
+    for (int i = 0; i < kNumWeight; ++i)
+      out[i] = first + i < n_inputs ? Describe(ctx.GetInput(first + i)) : Tensor{};
+    if (!all_constant) {
+      ValidateWeights(f, out, node, op);
+      Derive(f, out, nullptr, local);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// QxMatMul: Y = A @ W + bias
+struct MatMulKernel {
+  std::string node;
+  WeightFormat fmt;
+  ComputePath path = ComputePath::kFloat;
+  const KernelTable* kernels = nullptr;
+  WeightInputs weights;
+  size_t bias_index = 0;
+  std::vector<KBlock> blocks;
+
+  MatMulKernel(const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info(raw_info);
+    node = NodeName(info);
+    fmt = ReadFormat(info, node, "QxMatMul");
+    int64_t level = 0;
+    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, "accuracy_level", &level);
+    if (st) g_api->ReleaseStatus(st);
+    if (level < 0 || level > 4) Fail(node, "QxMatMul", "accuracy_level must be in [0, 4]");
+    path = level == 4 ? ComputePath::kInt8 : ComputePath::kFloat;
+    std::string why;
+    kernels = SelectKernels(&why);
+    if (!kernels) Fail(node, "QxMatMul", why);
+    weights.Init(info, fmt, 1, node, "QxMatMul");
+    bias_index = 1 + kNumWeight;
+    blocks = MakeKBlocks(fmt, kActBlockMax);
+  }
+
+  void Compute(OrtKernelContext* raw_ctx) const {
+    Ort::KernelContext ctx(raw_ctx);
+    const Tensor a = Describe(ctx.GetInput(0));
+    if (!a.present || !IsFloat(a.type)) Fail(node, "QxMatMul", "input 'A' must be float or float16");
+    if (a.shape.empty() || a.shape.back() != fmt.K)
+      Fail(node, "QxMatMul", "input 'A' has shape " + ShapeStr(a.shape) +
+                                 ", expected [..., K=" + std::to_string(fmt.K) + "]");
+    Tensor w[kNumWeight];
+    Derived local;
+    weights.Fetch(ctx, fmt, node, "QxMatMul", w, &local);
+    const Derived& d = weights.all_constant ? weights.derived : local;
+    Tensor bias;
+    if (bias_index < ctx.GetInputCount()) bias = Describe(ctx.GetInput(bias_index));
+    std::vector<float> bias_f;
+    if (bias.present) {
+      if (!IsFloat(bias.type) || bias.shape != std::vector<int64_t>{fmt.N})
+        Fail(node, "QxMatMul", "input 'bias' must be float [" + std::to_string(fmt.N) + "], got " +
+                                   ShapeStr(bias.shape));
+      bias_f = ToFloat(bias);
+    }
+
+    MatMulPlan plan;
+    plan.w = MakeView(fmt, w, d);
+    plan.path = path;
+    plan.kernels = kernels;
+    plan.blocks = blocks;
+    plan.input_scale = d.input_scale.empty() ? nullptr : d.input_scale.data();
+    plan.bias = bias_f.empty() ? nullptr : bias_f.data();
+
+    std::vector<int64_t> out_shape = a.shape;
+    out_shape.back() = fmt.N;
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < a.shape.size(); ++i) M *= a.shape[i];
+    Ort::UnownedValue y = ctx.GetOutput(0, out_shape.data(), out_shape.size());
+    if (M == 0) return;
+    const ElemType et =
+        a.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? ElemType::kFloat32 : ElemType::kFloat16;
+    RunMatMul(plan, a.data, et, M, y.GetTensorMutableRawData(), OrtParallelFor(raw_ctx));
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) const {
+    return Guard([&] { Compute(ctx); });
+  }
+
+  static ParallelFor OrtParallelFor(OrtKernelContext* raw) {
+    return [raw](int64_t n, const std::function<void(int64_t)>& fn) {
+      if (n == 1) {
+        fn(0);
+        return;
+      }
+      struct Call {
+        const std::function<void(int64_t)>* fn;
+      } call{&fn};
+      auto tramp = [](void* user, size_t i) {
+        (*static_cast<Call*>(user)->fn)(static_cast<int64_t>(i));
+      };
+      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(raw, tramp, static_cast<size_t>(n), 0, &call));
+    };
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// QxGather: rows of the embedding table W^T (column n of W is embedding row n).
+struct GatherKernel {
+  std::string node;
+  WeightFormat fmt;
+  WeightInputs weights;
+  ONNXTensorElementDataType out_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+  GatherKernel(const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info(raw_info);
+    node = NodeName(info);
+    fmt = ReadFormat(info, node, "QxGather");
+    int64_t dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, "dtype", &dtype);
+    if (st) g_api->ReleaseStatus(st);
+    if (dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      Fail(node, "QxGather", "attribute 'dtype' must be 1 (float) or 10 (float16)");
+    out_type = static_cast<ONNXTensorElementDataType>(dtype);
+    weights.Init(info, fmt, 1, node, "QxGather");
+  }
+
+  void Compute(OrtKernelContext* raw_ctx) const {
+    Ort::KernelContext ctx(raw_ctx);
+    const Tensor idx = Describe(ctx.GetInput(0));
+    const bool i64 = idx.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (!idx.present || (!i64 && idx.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32))
+      Fail(node, "QxGather", "input 'indices' must be int32 or int64");
+    Tensor w[kNumWeight];
+    Derived local;
+    weights.Fetch(ctx, fmt, node, "QxGather", w, &local);
+    const Derived& d = weights.all_constant ? weights.derived : local;
+    const WeightView view = MakeView(fmt, w, d);
+
+    const int64_t count = idx.count();
+    std::vector<int64_t> rows(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) {
+      int64_t r = i64 ? static_cast<const int64_t*>(idx.data)[i]
+                      : static_cast<const int32_t*>(idx.data)[i];
+      if (r < -fmt.N || r >= fmt.N)
+        Fail(node, "QxGather", "index " + std::to_string(r) + " out of range [" +
+                                   std::to_string(-fmt.N) + ", " + std::to_string(fmt.N) + ")");
+      rows[i] = r < 0 ? r + fmt.N : r;
+    }
+    std::vector<int64_t> out_shape = idx.shape;
+    out_shape.push_back(fmt.K);
+    Ort::UnownedValue y = ctx.GetOutput(0, out_shape.data(), out_shape.size());
+    std::vector<float> row(static_cast<size_t>(fmt.K));
+    for (int64_t i = 0; i < count; ++i) {
+      DequantColumn(view, rows[i], row.data());
+      if (!d.input_scale.empty())  // embedding row of diag(s) W is s * W[:, n]: undo s
+        for (int64_t k = 0; k < fmt.K; ++k) row[k] /= d.input_scale[k];
+      if (out_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        std::memcpy(y.GetTensorMutableData<float>() + i * fmt.K, row.data(), fmt.K * sizeof(float));
+      } else {
+        uint16_t* out = static_cast<uint16_t*>(y.GetTensorMutableRawData()) + i * fmt.K;
+        for (int64_t k = 0; k < fmt.K; ++k) out[k] = FloatToHalf(row[k]);
+      }
+    }
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) const {
+    return Guard([&] { Compute(ctx); });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Op schemas.
+OrtStatusPtr InferMatMulShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
+OrtStatusPtr InferGatherShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
+
+template <typename Kernel>
+struct OpBase : Ort::CustomOpBase<OpBase<Kernel>, Kernel, true> {
+  const char* name;
+  size_t n_inputs;
+  OpBase(const char* op_name, size_t inputs, OrtStatusPtr (*infer)(const OrtCustomOp*,
+                                                                     OrtShapeInferContext*))
+      : name(op_name), n_inputs(inputs) {
+    this->InferOutputShapeFn = infer;
+  }
+  const char* GetName() const { return name; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new Kernel(info); });
+  }
+  size_t GetInputTypeCount() const { return n_inputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    // input 0 (A / indices), B and scales are required; the rest optional
+    return i <= 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+};
+
+// Output = input 0's shape with its last dim replaced by N (QxMatMul) or K appended (QxGather).
+OrtStatusPtr InferShape(OrtShapeInferContext* ctx, bool gather) {
+  return Guard([&] {
+    // The context owns `in`: read it through the C API, never release it.
+    OrtTensorTypeAndShapeInfo* in = nullptr;
+    Ort::ThrowOnError(g_api->ShapeInferContext_GetInputTypeShape(ctx, 0, &in));
+    size_t rank = 0;
+    Ort::ThrowOnError(g_api->GetDimensionsCount(in, &rank));
+    std::vector<int64_t> dims(rank);
+    std::vector<const char*> sym(rank, nullptr);
+    if (rank) {
+      Ort::ThrowOnError(g_api->GetDimensions(in, dims.data(), rank));
+      Ort::ThrowOnError(g_api->GetSymbolicDimensions(in, sym.data(), rank));
+    }
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    Ort::ThrowOnError(g_api->GetTensorElementType(in, &type));
+    auto attr_int = [&](const char* name, int64_t dflt) {
+      const OrtOpAttr* attr = nullptr;
+      OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, name, &attr);
+      if (st || !attr) {
+        if (st) g_api->ReleaseStatus(st);
+        return dflt;
+      }
+      int64_t v = dflt;
+      size_t size = 0;
+      st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof v, &size);
+      if (st) {
+        g_api->ReleaseStatus(st);
+        return dflt;
+      }
+      return v;
+    };
+    if (gather) {
+      dims.push_back(attr_int("K", -1));
+      sym.push_back("");
+      type = static_cast<ONNXTensorElementDataType>(attr_int("dtype", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+    } else if (!dims.empty()) {
+      dims.back() = attr_int("N", -1);
+      sym.back() = "";
+    }
+    OrtTensorTypeAndShapeInfo* out = nullptr;
+    Ort::ThrowOnError(g_api->CreateTensorTypeAndShapeInfo(&out));
+    Ort::TensorTypeAndShapeInfo holder(out);
+    Ort::ThrowOnError(g_api->SetTensorElementType(out, type));
+    Ort::ThrowOnError(g_api->SetDimensions(out, dims.data(), dims.size()));
+    for (auto& s : sym)
+      if (!s) s = "";
+    Ort::ThrowOnError(g_api->SetSymbolicDimensions(out, sym.data(), sym.size()));
+    Ort::ThrowOnError(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out));
+  });
+}
+
+OrtStatusPtr InferMatMulShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  return InferShape(ctx, false);
+}
+OrtStatusPtr InferGatherShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  return InferShape(ctx, true);
+}
+
+struct Ops {
+  OpBase<MatMulKernel> matmul{"QxMatMul", 1 + kNumWeight + 1, InferMatMulShape};
+  OpBase<GatherKernel> gather{"QxGather", 1 + kNumWeight, InferGatherShape};
+};
+
+Ops& GetOps() {
+  static Ops ops;
+  return ops;
+}
+
+}  // namespace
+}  // namespace quantx
+
+extern "C" {
+
+// Entry point ONNX Runtime calls after SessionOptions.register_custom_ops_library(path).
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  using namespace quantx;
+  const OrtApi* api = api_base ? api_base->GetApi(kMinOrtApi) : nullptr;
+  if (!api) {
+    // The runtime is older than API 17: use the always-present version 1 to say so.
+    const OrtApi* v1 = api_base ? api_base->GetApi(1) : nullptr;
+    return v1 ? v1->CreateStatus(ORT_FAIL, "quantx: ONNX Runtime >= 1.17 is required") : nullptr;
+  }
+  g_api = api;
+  Ort::InitApi(api);
+  return Guard([&] {
+    std::string why;
+    if (!SelectKernels(&why)) throw OpError{"quantx: " + why};
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    Ops& ops = GetOps();
+    OrtCustomOpDomain* domain = nullptr;
+    Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &domain));
+    Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.matmul));
+    Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.gather));
+    // The session options keep the domain; it must outlive every session that uses it, so it is
+    // deliberately not released.
+    Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
+  });
+}
+
+// Name of the kernel table this process uses (for diagnostics and benchmarks).
+__attribute__((visibility("default"))) const char* QuantxKernelName() {
+  std::string why;
+  const quantx::KernelTable* t = quantx::SelectKernels(&why);
+  return t ? t->name : "none";
+}
+
+}  // extern "C"
