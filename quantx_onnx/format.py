@@ -310,8 +310,8 @@ def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: the first ``count`` values of each stream on the last axis."""
     stream = np.unpackbits(np.asarray(data, np.uint8), axis=-1, bitorder="little")
     stream = stream[..., : count * bits].reshape(*data.shape[:-1], count, bits)
-    return (stream << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint16).astype(
-        np.uint8
+    return (
+        (stream << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint16).astype(np.uint8)
     )
 
 

@@ -1,6 +1,7 @@
 // ONNX Runtime glue: registers the com.quantx ops, validates every node when its kernel is
 // created and every input when it runs, and reports problems as ORT error statuses naming the
 // node. No exception crosses the C API boundary.
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -400,8 +401,8 @@ struct GatherKernel {
     std::vector<float> row(static_cast<size_t>(fmt.K));
     for (int64_t i = 0; i < count; ++i) {
       DequantColumn(view, rows[i], row.data());
-      if (!d.input_scale.empty())  // embedding row of diag(s) W is s * W[:, n]: undo s
-        for (int64_t k = 0; k < fmt.K; ++k) row[k] /= d.input_scale[k];
+      if (!d.input_scale.empty())  // the weight is diag(input_scale) @ W: row n is s * W[:, n]
+        for (int64_t k = 0; k < fmt.K; ++k) row[k] *= d.input_scale[k];
       if (out_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         std::memcpy(y.GetTensorMutableData<float>() + i * fmt.K, row.data(), fmt.K * sizeof(float));
       } else {
@@ -493,8 +494,16 @@ OrtStatusPtr InferShape(OrtShapeInferContext* ctx, bool gather) {
     Ort::TensorTypeAndShapeInfo holder(out);
     Ort::ThrowOnError(g_api->SetTensorElementType(out, type));
     Ort::ThrowOnError(g_api->SetDimensions(out, dims.data(), dims.size()));
-    for (auto& s : sym)
-      if (!s) s = "";
+    // An unknown dim must carry a name: ORT would store a nameless -1 as a literal -1, which
+    // later shape arithmetic (Shape -> Concat -> Reshape) mistakes for a real value. Each gets
+    // a fresh name, so no two unknown dims are claimed equal.
+    static std::atomic<uint64_t> fresh{0};
+    std::vector<std::string> names(dims.size());
+    for (size_t i = 0; i < dims.size(); ++i) {
+      if (sym[i] && *sym[i]) continue;
+      if (dims[i] < 0) names[i] = "quantx_unk_" + std::to_string(fresh.fetch_add(1));
+      sym[i] = names[i].c_str();
+    }
     Ort::ThrowOnError(g_api->SetSymbolicDimensions(out, sym.data(), sym.size()));
     Ort::ThrowOnError(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out));
   });

@@ -1,0 +1,57 @@
+"""What the user asks of `optimize`: bits, groups, grid, target, exclusions, method."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .errors import InputError
+from .format import MAX_GROUP, SUPPORTED_BITS
+
+METHODS = ("rtn",)
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    bits: int = 3
+    group_size: int = 64  # 0 = per-channel
+    symmetric: bool = False
+    target: str = "auto"
+    accuracy_level: int | None = None  # None: the target's default
+    exclude: tuple[str, ...] = ()  # regexes on node or weight names
+    method: str = "rtn"
+    scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
+    super_group: int = 8
+    embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
+    scale_dtype: str = "float16"
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise InputError(
+                f"--bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        g = self.group_size
+        if g != 0 and (g % 16 or not 16 <= g <= MAX_GROUP):
+            raise InputError(
+                f"--group-size {g}: must be 0 (per-channel) or a multiple of 16 "
+                f"in [16, {MAX_GROUP}]"
+            )
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"--accuracy-level {self.accuracy_level}: must be 0..4")
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.scale_bits and not 2 <= self.scale_bits <= 8:
+            raise InputError(f"--scale-bits {self.scale_bits}: must be 0 or in [2, 8]")
+        if self.scale_bits and self.symmetric:
+            raise InputError("--scale-bits needs asymmetric quantization (drop --symmetric)")
+        if self.scale_bits and self.super_group < 2:
+            raise InputError(f"--super-group {self.super_group}: must be >= 2")
+        if self.scale_dtype not in ("float16", "float32"):
+            raise InputError(f"scale dtype {self.scale_dtype!r}: float16 or float32")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InputError(
+                    f"--exclude {pattern!r}: invalid regular expression ({e})"
+                ) from None

@@ -1,0 +1,101 @@
+"""A tiny random Llama exported by optimum, optimized end to end and run in ONNX Runtime."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from quantx_onnx import QuantConfig, optimize, reference
+from quantx_onnx.format import DOMAIN
+
+from .helpers import llm_feeds, quantx_session, rel_err
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _optimize(src, out, **kw):
+    return optimize(src, out, QuantConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def q3_float(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q3")
+    report = _optimize(tiny_llama, out, bits=3, group_size=32, accuracy_level=0)
+    return out, report
+
+
+def test_every_projection_and_the_tied_lm_head_are_rewritten(q3_float):
+    out, report = q3_float
+    model = onnx.load(str(out / "model.onnx"))
+    qx = [n for n in model.graph.node if n.domain == DOMAIN]
+    names = sorted(n.name for n in qx if n.op_type == "QxMatMul")
+    assert len(names) == 2 * 7 + 1
+    for layer in range(2):
+        for proj in PROJECTIONS:
+            assert any(f"layers.{layer}/" in n and proj in n for n in names), (layer, proj)
+    assert any("lm_head" in n for n in names)
+    assert [n.op_type for n in qx].count("QxGather") == 1
+    # the tied table is packed once, for the lm_head and the embedding lookup alike
+    lm = next(n for n in qx if "lm_head" in n.name)
+    gather = next(n for n in qx if n.op_type == "QxGather")
+    assert list(lm.input[1:3]) == list(gather.input[1:3])
+    # nothing float of the weights is left behind, and attention MatMuls are untouched
+    float_inits = [
+        i.name
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+    ]
+    assert float_inits == []
+    # two attention MatMuls per layer and the rotary-embedding one stay float
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 2 * 2 + 1
+    assert not report.linear.skipped
+    onnx.checker.check_model(model)
+    # output shapes stay declared
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert len(logits.type.tensor_type.shape.dim) == 3
+
+
+def test_quantized_model_equals_its_dequantized_reference(q3_float):
+    out, _ = q3_float
+    sess = quantx_session(out / "model.onnx")
+    ref_model = reference.dequantized_model(ir.load(str(out / "model.onnx")))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref_model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for seq, batch in ((7, 1), (1, 2), (33, 2)):
+        feeds = llm_feeds(sess, seq=seq, batch=batch, seed=seq)
+        got = sess.run(None, feeds)
+        want = ref_sess.run(None, feeds)
+        for name, g, w in zip([o.name for o in sess.get_outputs()], got, want):
+            assert rel_err(g, w) < 1e-4, (name, rel_err(g, w))
+
+
+def test_int8_activation_path_stays_close(tiny_llama, tmp_path, q3_float):
+    out_f, _ = q3_float
+    _optimize(tiny_llama, tmp_path, bits=3, group_size=32, accuracy_level=4)
+    feeds = llm_feeds(quantx_session(tmp_path / "model.onnx"), seq=9)
+    got = quantx_session(tmp_path / "model.onnx").run(["logits"], feeds)[0]
+    want = quantx_session(out_f / "model.onnx").run(["logits"], feeds)[0]
+    assert rel_err(got, want) < 0.03
+
+
+def test_8bit_model_is_within_3_percent_of_fp32(tiny_llama, tmp_path):
+    _optimize(tiny_llama, tmp_path, bits=8, group_size=32)
+    fp32 = ort.InferenceSession(str(tiny_llama / "model.onnx"), providers=["CPUExecutionProvider"])
+    q8 = quantx_session(tmp_path / "model.onnx")
+    for seq in (5, 40):
+        feeds = llm_feeds(fp32, seq=seq, seed=seq)
+        err = rel_err(q8.run(["logits"], feeds)[0], fp32.run(["logits"], feeds)[0])
+        assert err < 0.03, err
+
+
+def test_folder_output_keeps_companion_files(q3_float, tiny_llama):
+    out, report = q3_float
+    for name in ("config.json", "generation_config.json"):
+        if (tiny_llama / name).exists():
+            assert (out / name).read_bytes() == (tiny_llama / name).read_bytes()
+    assert report.bytes_after < report.bytes_before / 3  # the tiny graph itself is ~100 KB
+    assert 3.5 < report.bits_per_weight < 3.7  # 3 + (16 + 3) / 32 plus tile padding
+    assert not list(out.glob("*.partial"))
