@@ -7,7 +7,9 @@ code (README, "Exit codes"); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 import traceback
 
 from .errors import QuantXError
@@ -30,7 +32,7 @@ def _progress(desc: str):
         return None
 
     def wrap(items):
-        return tqdm(items, desc=desc, unit="weight", disable=None, leave=False)
+        return tqdm(items, desc=desc, unit=desc.rstrip("s"), disable=None, leave=False)
 
     return wrap
 
@@ -93,7 +95,7 @@ def _run_optimize(args) -> int:
         embeddings=not args.no_embeddings,
     )
     report = optimize(
-        args.model, args.output, config, progress=None if args.quiet else _progress("quantize")
+        args.model, args.output, config, progress=None if args.quiet else _progress("weights")
     )
     if args.quiet:
         print(report.output)
@@ -141,6 +143,178 @@ def _optimize_summary(report, config) -> str:
     return "\n".join(lines)
 
 
+# --- bench ---------------------------------------------------------------------------------
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks (kernels against ORT MatMulNBits and fp32)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    k = bsub.add_parser(
+        "kernels",
+        help="QuantX 2/3/4-bit vs ORT MatMulNBits 4/2-bit vs fp32 MatMul, same process",
+    )
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--json", help="also write the results to this JSON file")
+    k.add_argument("--shapes", help="comma-separated KxN list (default: the five standard shapes)")
+    k.add_argument("--rows", help="comma-separated M values (default 1,16,128)")
+    k.add_argument("--rounds", type=int, default=15, help="alternating timed rounds per shape")
+    k.add_argument(
+        "--working-set",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="weights per config rotate through at least this many MB (default 64)",
+    )
+    k.add_argument("--hot", action="store_true", help="one cache-resident weight copy instead")
+    k.add_argument("--group-size", type=int, default=None, help="QuantX group size (default 64)")
+    k.set_defaults(run=_run_bench_kernels)
+
+
+def _parse_list(text, item):
+    try:
+        return tuple(item(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        from .errors import InputError
+
+        raise InputError(f"cannot parse {text!r}: {e}") from None
+
+
+def _run_bench_kernels(args) -> int:
+    from .bench import kernels
+
+    shapes = kernels.SHAPES
+    if args.shapes:
+        shapes = _parse_list(args.shapes, lambda s: tuple(int(v) for v in s.lower().split("x")))
+    rows = _parse_list(args.rows, int) if args.rows else kernels.ROWS
+    report = kernels.run(
+        threads=args.threads,
+        shapes=shapes,
+        rows=rows,
+        rounds=args.rounds,
+        working_set_mb=args.working_set,
+        hot=args.hot,
+        group=args.group_size,
+    )
+    if args.json:
+        kernels.save_json(report, args.json)
+    return 0
+
+
+# --- export / generate / eval ------------------------------------------------------------
+def _add_export(sub):
+    p = sub.add_parser("export", help="Hugging Face folder or GGUF file -> optimum ONNX export")
+    p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--verbose", action="store_true", help="show transformers/optimum output")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export import export
+
+    start = time.perf_counter()
+    path = export(args.source, args.output, quiet=not args.verbose)
+    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+    print(
+        f"exported {args.source} -> {path} ({_human_bytes(size)}, "
+        f"{time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text with an exported decoder (KV cache)")
+    p.add_argument("model", help="export folder (fp32, ORT 4-bit or QuantX)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .generate import GenerationStats, generate
+
+    stats = GenerationStats()
+
+    def show(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(
+        args.model,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+        threads=args.threads,
+        on_text=show,
+        stats=stats,
+    )
+    print()
+    print(
+        f"[{stats.prompt_tokens} prompt tokens in {stats.prefill_s * 1e3:.0f} ms, "
+        f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tok/s decode]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate exported decoders")
+    esub = p.add_subparsers(dest="eval", required=True)
+    for name, help_ in (
+        ("perplexity", "perplexity of one model, as JSON"),
+        ("compare", "perplexity of two models side by side, as JSON"),
+    ):
+        e = esub.add_parser(name, help=help_)
+        e.add_argument("models", nargs=1 if name == "perplexity" else 2, metavar="MODEL")
+        e.add_argument(
+            "--text",
+            required=True,
+            help="a UTF-8 file, or gensim:wiki-eval, gensim:wiki-calib, gensim:lee",
+        )
+        e.add_argument("--max-tokens", type=int, default=16384)
+        e.add_argument("--window", type=int, default=1024)
+        e.add_argument("--threads", type=int, default=None)
+        e.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .data import load_text
+    from .evaluate import perplexity
+
+    text = load_text(args.text)
+    results = [
+        perplexity(
+            m,
+            text,
+            max_tokens=args.max_tokens,
+            window=args.window,
+            threads=args.threads,
+            progress=_progress("windows"),
+        )
+        for m in args.models
+    ]
+    for r in results:
+        r["text"] = args.text
+    if len(results) == 1:
+        print(json.dumps(results[0], indent=1))
+    else:
+        a, b = results
+        print(
+            json.dumps(
+                {"a": a, "b": b, "ratio_b_over_a": b["perplexity"] / a["perplexity"]}, indent=1
+            )
+        )
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -150,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_optimize(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import QuantXError
 
 _LIB_NAME = "libquantx_ops.so"
+_REGISTERED = "quantx.ops_registered"
 
 
 def library_path() -> str:
@@ -39,7 +40,14 @@ def session_options(options=None, threads: int | None = None):
     import onnxruntime as ort
 
     so = options if options is not None else ort.SessionOptions()
-    so.register_custom_ops_library(library_path())
+    # registering twice in one SessionOptions fails ("Domain already set"): remember it there
+    try:
+        registered = so.get_session_config_entry(_REGISTERED) == "1"
+    except RuntimeError:  # no such entry yet
+        registered = False
+    if not registered:
+        so.register_custom_ops_library(library_path())
+        so.add_session_config_entry(_REGISTERED, "1")
     if threads:
         so.intra_op_num_threads = int(threads)
     return so

@@ -140,6 +140,23 @@ int main(int argc, char** argv) {
   }
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
+  // Streaming roofline over a buffer of the same size, same threads.
+  std::vector<uint8_t> buf((B.size() + zp.size() + scales.size() * 2 + 63) / 64 * 64 * 1, 1);
+  auto stream = kt->stream_read ? kt->stream_read : StreamReadPortable;
+  std::vector<double> st;
+  std::atomic<uint64_t> sink{0};
+  const int64_t chunks = threads * 4, per = static_cast<int64_t>(buf.size()) / 64 / chunks * 64;
+  for (int it = 0; it < iters + 5; ++it) {
+    auto t0 = std::chrono::steady_clock::now();
+    pf(chunks, [&](int64_t c) {
+      const int64_t n = c == chunks - 1 ? static_cast<int64_t>(buf.size()) - c * per : per;
+      sink += stream(buf.data() + c * per, n);
+    });
+    auto t1 = std::chrono::steady_clock::now();
+    if (it >= 5) st.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  std::sort(st.begin(), st.end());
+  std::printf("stream roofline for the same bytes: %.4f ms\n", st[st.size() / 2]);
   const double bytes = static_cast<double>(B.size() + zp.size() + scales.size() * 2);
   std::printf("isa=%s M=%lld K=%lld N=%lld bits=%d group=%lld layout=%d path=%d threads=%d: "
               "%.4f ms  %.1f GB/s  %.1f GMAC/s\n",

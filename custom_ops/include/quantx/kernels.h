@@ -75,7 +75,12 @@ struct KernelTable {
   // True where `matmul` reads (bits, layout, path) natively rather than through the
   // portable unpacker.
   bool (*is_native)(int bits, Layout layout, ComputePath path);
+  // Reads `bytes` (a multiple of 64) as fast as this ISA can and returns a checksum: the
+  // read-bandwidth roofline benchmarks compare against. nullptr: use StreamReadPortable.
+  uint64_t (*stream_read)(const uint8_t* p, int64_t bytes) = nullptr;
 };
+
+uint64_t StreamReadPortable(const uint8_t* p, int64_t bytes);
 
 // Tables compiled into this build; nullptr where the ISA is not compiled in.
 const KernelTable* RefKernels();

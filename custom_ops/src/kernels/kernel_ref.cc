@@ -38,6 +38,17 @@ void StoreTileRow(const MatMulArgs& args, int64_t m, int64_t tile, const float* 
   for (int64_t c = 0; c < count; ++c) y[c] = acc[c] + (args.bias ? args.bias[n0 + c] : 0.0f);
 }
 
+uint64_t StreamReadPortable(const uint8_t* p, int64_t bytes) {
+  uint64_t acc[8] = {0};
+  for (int64_t i = 0; i + 64 <= bytes; i += 64)
+    for (int j = 0; j < 8; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * j, 8);
+      acc[j] += v;
+    }
+  return acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+}
+
 namespace {
 
 void MatMulRef(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int64_t row_begin,
@@ -77,7 +88,8 @@ void MatMulRef(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int
 
 bool RefNative(int, Layout, ComputePath) { return true; }
 
-const KernelTable kRef = {"ref", MatMulRef, QuantizeActivationsPortable, RefNative};
+const KernelTable kRef = {"ref", MatMulRef, QuantizeActivationsPortable, RefNative,
+                          StreamReadPortable};
 
 }  // namespace
 
