@@ -75,6 +75,11 @@ def _add_optimize(sub):
     p.add_argument(
         "--no-embeddings", action="store_true", help="keep embedding Gather tables in float"
     )
+    p.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep the exported attention ops (default: one GroupQueryAttention per layer)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(run=_run_optimize)
 
@@ -93,6 +98,7 @@ def _run_optimize(args) -> int:
         scale_bits=args.scale_bits,
         super_group=args.super_group,
         embeddings=not args.no_embeddings,
+        fuse_attention=not args.no_fuse_attention,
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")
@@ -125,6 +131,11 @@ def _optimize_summary(report, config) -> str:
             lines.append(f"    {n.node} ({n.op_type}, weight {n.weight}): {n.reason}")
     else:
         lines.append("  skipped: none")
+    att = report.attention
+    if att.fused or att.skipped:
+        lines.append(f"  attention: {len(att.fused)} layers fused into GroupQueryAttention")
+        for layer, why in sorted(att.skipped.items()):
+            lines.append(f"    layer {layer} kept as exported: {why}")
     if lin.untouched:
         left = ", ".join(f"{c} {op}" for op, c in sorted(lin.untouched.items()))
         lines.append(f"  left as is (no constant weight, e.g. attention): {left}")

@@ -23,6 +23,7 @@ class QuantConfig:
     scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
     super_group: int = 8
     embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
+    fuse_attention: bool = True  # decoder attention -> com.microsoft GroupQueryAttention
     scale_dtype: str = "float16"
 
     def validate(self) -> None:

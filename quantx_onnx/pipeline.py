@@ -15,6 +15,7 @@ from .config import QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout, QuantizedWeight, WeightFormat
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
+from .passes.attention_rule import AttentionReport, fuse_attention
 from .quantize.grid import check_finite
 from .quantize.rtn import quantize_rtn
 from .targets import Target, resolve_target
@@ -31,6 +32,7 @@ class OptimizeReport:
     bytes_after: int
     seconds: float
     linear: LinearPassReport
+    attention: AttentionReport
     copied: list[str]
 
     @property
@@ -106,6 +108,9 @@ def optimize(
     in_files = [source.model_path, *model_io.external_data_files(source.model_path)]
     bytes_before = _files_size(in_files)
     ir_model = model_io.load_model(source)
+    attention = AttentionReport()
+    if config.fuse_attention:
+        attention = fuse_attention(ir_model, source.folder or source.model_path.parent)
 
     quantize = quantizer or rtn_quantizer(config, target)
     try:
@@ -143,5 +148,6 @@ def optimize(
         bytes_after=bytes_after,
         seconds=time.perf_counter() - start,
         linear=linear,
+        attention=attention,
         copied=copied,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -47,9 +48,11 @@ def test_every_projection_and_the_tied_lm_head_are_rewritten(q3_float):
         for i in model.graph.initializer
         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
     ]
-    assert float_inits == []
-    # two attention MatMuls per layer and the rotary-embedding one stay float
-    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 2 * 2 + 1
+    # only the rotary caches of the fused attention stay float
+    assert sorted(float_inits) == ["quantx.rotary.cos_cache", "quantx.rotary.sin_cache"]
+    # attention became one GroupQueryAttention per layer: no float MatMul is left
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 0
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2
     assert not report.linear.skipped
     onnx.checker.check_model(model)
     # output shapes stay declared
@@ -99,3 +102,44 @@ def test_folder_output_keeps_companion_files(q3_float, tiny_llama):
     assert report.bytes_after < report.bytes_before / 3  # the tiny graph itself is ~100 KB
     assert 3.5 < report.bits_per_weight < 3.7  # 3 + (16 + 3) / 32 plus tile padding
     assert not list(out.glob("*.partial"))
+
+
+def _decode_logits(session_path, steps=3, seq=6, seed=0):
+    """Logits of a prefill and `steps` decode steps through the KV cache."""
+    from quantx_onnx.llm import DecoderSession
+
+    s = DecoderSession(session_path, threads=1)
+    ids = np.random.default_rng(seed).integers(0, 320, (1, seq))
+    logits, cache = s.step(ids, s.empty_cache(), 0)
+    out = [logits]
+    for i in range(steps):
+        token = np.array([[int(logits[0, -1].argmax())]])
+        logits, cache = s.step(token, cache, seq + i)
+        out.append(logits)
+    return out
+
+
+def test_attention_fusion_is_exact_through_the_kv_cache(tiny_llama, tmp_path):
+    from pathlib import Path
+
+    from quantx_onnx.passes.attention_rule import fuse_attention
+
+    model = ir.load(str(tiny_llama / "model.onnx"))
+    before = sum(1 for _ in model.graph)
+    report = fuse_attention(model, Path(tiny_llama))
+    assert report.fused == [0, 1] and not report.skipped
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("GroupQueryAttention") == 2
+    assert len(ops) < before / 3
+    ir.save(model, str(tmp_path / "model.onnx"))
+    for name in ("config.json",):
+        (tmp_path / name).write_bytes((tiny_llama / name).read_bytes())
+    for got, want in zip(_decode_logits(tmp_path), _decode_logits(tiny_llama)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_optimize_without_attention_fusion_keeps_the_export(tiny_llama, tmp_path):
+    report = _optimize(tiny_llama, tmp_path, bits=4, fuse_attention=False)
+    assert not report.attention.fused
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert "GroupQueryAttention" not in ops and ops.count("QxMatMul") == 15
