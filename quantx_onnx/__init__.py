@@ -7,10 +7,20 @@ Public API:
     library_path()                   the custom-op library, for C/C++ hosts
 """
 
-from .config import QuantConfig
-from .errors import InputError, NothingToQuantize, OutputError, QuantXError
-from .pipeline import OptimizeReport, optimize
-from .runtime import kernel_name, library_path, session_options
+import os as _os
+
+# In a source checkout the graph passes live beside this package (passes/); wheels install them
+# as quantx_onnx/passes. Let `quantx_onnx.passes` resolve in both (editable installs do the same).
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
+    _os.path.join(_here, _os.pardir, "passes", "__init__.py")
+):
+    __path__.append(_os.path.dirname(_here))
+
+from .config import QuantConfig  # noqa: E402
+from .errors import InputError, NothingToQuantize, OutputError, QuantXError  # noqa: E402
+from .pipeline import OptimizeReport, optimize  # noqa: E402
+from .runtime import kernel_name, library_path, session_options  # noqa: E402
 
 __version__ = "0.1.0"
 

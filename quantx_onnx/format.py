@@ -242,6 +242,9 @@ class QuantizedWeight:
                 raise FormatError(
                     f"codebook must have shape [1 or N={f.N}, {f.code_levels}], got {cb.shape}"
                 )
+            # like the scales, the codebook holds exactly what will be stored
+            if not np.array_equal(cb.astype(self.scale_dtype).astype(np.float32), cb):
+                raise FormatError(f"codebook values are not exact {np.dtype(self.scale_dtype)}")
         if self.input_scale is not None:
             _check_shape("input_scale", self.input_scale, (f.K,))
 

@@ -95,6 +95,14 @@ def matmul(
     return y.reshape(*lead, f.N)
 
 
+def dequantize_rows(q: QuantizedWeight, indices: np.ndarray) -> np.ndarray:
+    """QxGather's result: rows `indices` (negative ones count from the end) of the table
+    E = W^T, shape [*indices.shape, K]."""
+    table = dequantize(q).T
+    idx = np.asarray(indices, np.int64)
+    return table[np.where(idx < 0, idx + q.fmt.N, idx)]
+
+
 def _without_input_scale(q: QuantizedWeight) -> QuantizedWeight:
     if q.input_scale is None:
         return q

@@ -24,8 +24,17 @@ def library_path() -> str:
     # The package's own folder; editable installs list the build's install folder too.
     from . import __path__ as package_dirs
 
-    for folder in package_dirs:
-        path = Path(folder) / "lib" / _LIB_NAME
+    candidates = [Path(folder) / "lib" / _LIB_NAME for folder in package_dirs]
+    # a source checkout imported ahead of the installed package: the installed library
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        candidates.append(
+            Path(distribution("quantx-onnx").locate_file(f"quantx_onnx/lib/{_LIB_NAME}"))
+        )
+    except PackageNotFoundError:
+        pass
+    for path in candidates:
         if path.is_file():
             return str(path.resolve())
     raise QuantXError(
