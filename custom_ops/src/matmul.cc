@@ -39,6 +39,7 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
     }
     std::fill(dst + len, dst + f.stored_length(j), 0.0f);
   }
+  std::fill(out + f.k_stored(), out + f.k_stored() + 64, 0.0f);  // the row padding
 }
 
 }  // namespace
@@ -47,7 +48,9 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
                const ParallelFor& parallel_for) {
   if (M <= 0) return;
   const WeightFormat& f = plan.w.fmt;
-  const int64_t ks = f.k_stored();
+  // Row stride: the stored k axis plus 64 elements, so that rows 4 KB apart (K = 1024, 4096,
+  // ...) do not all fall into one L1 set when a microkernel walks several rows at once.
+  const int64_t ks = f.k_stored() + 64;
   const int64_t nb = static_cast<int64_t>(plan.blocks.size());
   const bool int8 = plan.path == ComputePath::kInt8;
 

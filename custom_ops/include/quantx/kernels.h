@@ -41,6 +41,11 @@ CodebookTables MakeCodebookTables(const void* data, bool is_f16, int64_t rows, i
 
 // Arguments of one matmul: Y[M, N] = A[M, K] * W + bias. Activations are given on the
 // "stored" k axis (groups padded to multiples of 16 with zeros), as floats or int8.
+// Preconditions kernels may rely on:
+//  - int8 activations lie in [-127, 127] (symmetric quantization never yields -128), which
+//    keeps sign tricks and int16 partial sums exact;
+//  - lda is a multiple of 16 elements and rows do not alias in L1 (the driver pads lda);
+//  - a call runs on one thread; kernels may keep up to ~64 KB of scratch on the stack.
 struct MatMulArgs {
   const WeightView* w = nullptr;
   const KBlock* blocks = nullptr;  // activation blocks over the stored k axis
@@ -72,9 +77,9 @@ struct KernelTable {
   const char* name;  // "ref", "avx2", "avx512", "neon", "neon-dotprod"
   MatMulFn matmul;   // handles every (bits, layout, path); fused fast paths where native
   QuantizeActFn quantize_activations;
-  // True where `matmul` reads (bits, layout, path) natively rather than through the
-  // portable unpacker.
-  bool (*is_native)(int bits, Layout layout, ComputePath path);
+  // True where `matmul` reads this weight natively (its own unpacking) rather than through
+  // the portable decoder (ROW layout, codebooks, ... on most ISAs).
+  bool (*is_native)(const WeightView& w, ComputePath path);
   // Reads `bytes` (a multiple of 64) as fast as this ISA can and returns a checksum: the
   // read-bandwidth roofline benchmarks compare against. nullptr: use StreamReadPortable.
   uint64_t (*stream_read)(const uint8_t* p, int64_t bytes) = nullptr;

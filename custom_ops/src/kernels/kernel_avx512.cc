@@ -491,7 +491,9 @@ void QuantizeActivationsAvx512(const float* a, int64_t M, int64_t lda, const KBl
   }
 }
 
-bool Avx512Native(int, Layout layout, ComputePath) { return layout == Layout::kTile16; }
+bool Avx512Native(const WeightView& w, ComputePath) {
+  return w.fmt.layout == Layout::kTile16 && !w.codebook;
+}
 
 uint64_t StreamReadAvx512(const uint8_t* p, int64_t bytes) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;

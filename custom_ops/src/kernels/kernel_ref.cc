@@ -86,7 +86,7 @@ void MatMulRef(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int
   }
 }
 
-bool RefNative(int, Layout, ComputePath) { return true; }
+bool RefNative(const WeightView&, ComputePath) { return true; }
 
 const KernelTable kRef = {"ref", MatMulRef, QuantizeActivationsPortable, RefNative,
                           StreamReadPortable};
