@@ -12,6 +12,8 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
 from .errors import QuantXError
 
 EXIT_INTERNAL = 1
@@ -76,6 +78,29 @@ def _add_optimize(sub):
         "--no-embeddings", action="store_true", help="keep embedding Gather tables in float"
     )
     p.add_argument(
+        "--method", default=None, help="rtn, mse, gptq (default: gptq with --calib-text, else rtn)"
+    )
+    p.add_argument(
+        "--calib-text",
+        default=None,
+        metavar="FILE",
+        help="calibration text (file, gensim:wiki-calib, ...) or .npy/.npz token ids",
+    )
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="calibrate every layer on float inputs (faster, less accurate)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE.json",
+        help="write the per-weight recipe report (bits, output error) as JSON",
+    )
+    p.add_argument("--threads", type=int, default=None, help="ORT threads for calibration")
+    p.add_argument(
         "--no-fuse-attention",
         action="store_true",
         help="keep the exported attention ops (default: one GroupQueryAttention per layer)",
@@ -99,6 +124,13 @@ def _run_optimize(args) -> int:
         super_group=args.super_group,
         embeddings=not args.no_embeddings,
         fuse_attention=not args.no_fuse_attention,
+        method=args.method,
+        calib=args.calib_text,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        sequential=not args.no_sequential,
+        report=args.report,
+        threads=args.threads,
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")
@@ -118,7 +150,7 @@ def _optimize_summary(report, config) -> str:
     group = "per-channel" if config.group_size == 0 else f"group {config.group_size}"
     lines.append(
         f"  target {report.target} (layout {report.layout}, {path}); {config.bits}-bit {grid}, "
-        f"{group}, method {config.method}"
+        f"{group}, method {config.resolved_method}"
     )
     by_op: dict[str, int] = {}
     for n in lin.rewritten:
@@ -148,6 +180,18 @@ def _optimize_summary(report, config) -> str:
         f"  size: {_human_bytes(report.bytes_before)} -> {_human_bytes(report.bytes_after)} "
         f"({ratio:.1f}x smaller)"
     )
+    if report.calibration:
+        c = report.calibration
+        lines.append(
+            f"  calibration: {c['tokens']} tokens from {c['source']} "
+            f"({'sequential' if c['sequential'] else 'one pass'}, {c['seconds']:.1f} s)"
+        )
+        errs = [w["output_error"] for w in report.weights if "output_error" in w]
+        if errs:
+            lines.append(
+                f"  layer output error: median {np.median(errs):.4f}, "
+                f"max {max(errs):.4f} (relative, over the calibration tokens)"
+            )
     if report.copied:
         lines.append(f"  copied: {', '.join(report.copied)}")
     lines.append(f"  time: {report.seconds:.1f} s")
@@ -177,6 +221,22 @@ def _add_bench(sub):
     k.add_argument("--hot", action="store_true", help="one cache-resident weight copy instead")
     k.add_argument("--group-size", type=int, default=None, help="QuantX group size (default 64)")
     k.set_defaults(run=_run_bench_kernels)
+    d = bsub.add_parser("decode", help="prefill + decode tokens/s and peak memory, side by side")
+    d.add_argument("model", help="export folder to measure (e.g. a QuantX model)")
+    d.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="other export folders in the same run (fp32, ORT 4-bit, ...)",
+    )
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--prompt-tokens", type=int, default=128)
+    d.add_argument("--new-tokens", type=int, default=64)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    d.add_argument("--json", help="also write the results to this JSON file")
+    d.set_defaults(run=_run_bench_decode)
 
 
 def _parse_list(text, item):
@@ -326,6 +386,57 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_bench_decode(args) -> int:
+    from .bench import decode
+
+    if args.new_tokens < 2 or args.prompt_tokens < 1:
+        from .errors import InputError
+
+        raise InputError("--new-tokens >= 2 and --prompt-tokens >= 1 are required")
+    results = decode.run(
+        [args.model, *args.baseline],
+        threads=args.threads,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        measure_memory=not args.no_memory,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(decode.to_json(results))
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="SmolLM2: export, quantize, compare with fp32 and ORT 4-bit")
+    p.add_argument("--cache", default=None, help="where models are built and kept")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--prompt", default=None)
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="quantize with GPTQ on Wikipedia text instead of the data-free default",
+    )
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from pathlib import Path
+
+    from . import demo
+
+    demo.run(
+        Path(args.cache) if args.cache else None,
+        threads=args.threads,
+        ppl_tokens=args.ppl_tokens,
+        prompt=args.prompt or demo.DEFAULT_PROMPT,
+        calib=args.calibrate,
+    )
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -339,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ import re
 from .errors import InputError
 from .format import MAX_GROUP, SUPPORTED_BITS
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "mse", "gptq")
 
 
 @dataclasses.dataclass
@@ -19,12 +19,27 @@ class QuantConfig:
     target: str = "auto"
     accuracy_level: int | None = None  # None: the target's default
     exclude: tuple[str, ...] = ()  # regexes on node or weight names
-    method: str = "rtn"
+    method: str | None = None  # None: gptq with calibration data, else rtn
     scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
     super_group: int = 8
     embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
     fuse_attention: bool = True  # decoder attention -> com.microsoft GroupQueryAttention
     scale_dtype: str = "float16"
+    # calibration
+    calib: str | None = None  # text file, gensim:* corpus, or .npy/.npz token ids
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    calib_batch: int = 4
+    sequential: bool = True  # later layers calibrate on the quantized earlier ones
+    threads: int | None = None
+    seed: int = 0
+    report: str | None = None  # write the per-weight report as JSON here
+
+    @property
+    def resolved_method(self) -> str:
+        if self.method:
+            return self.method
+        return "gptq" if self.calib else "rtn"
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -39,8 +54,10 @@ class QuantConfig:
             )
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"--accuracy-level {self.accuracy_level}: must be 0..4")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2 or self.calib_batch < 1:
+            raise InputError("--calib-samples >= 1, --calib-seq-len >= 2 and batch >= 1 required")
         if self.scale_bits and not 2 <= self.scale_bits <= 8:
             raise InputError(f"--scale-bits {self.scale_bits}: must be 0 or in [2, 8]")
         if self.scale_bits and self.symmetric:

@@ -1,24 +1,28 @@
-"""`optimize`: load -> choose a recipe per weight -> quantize -> pack for the target ->
-rewrite the graph -> save atomically."""
+"""`optimize`: load -> (fuse attention) -> calibrate -> choose a recipe per weight -> quantize
+-> pack for the target -> rewrite the graph -> save atomically."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from . import model_io
+from .calibration.feeds import batches, decoder_feeds, token_windows
 from .config import QuantConfig
 from .errors import InputError, NothingToQuantize
-from .format import Layout, QuantizedWeight, WeightFormat
+from .format import Layout
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
-from .quantize.grid import check_finite
-from .quantize.rtn import quantize_rtn
-from .targets import Target, resolve_target
+from .passes.quantize_linear import DEFAULT_RULES, find_matches
+from .recipes import Recipe, single_recipe_quantizer
+from .targets import resolve_target
 
 
 @dataclasses.dataclass
@@ -34,6 +38,8 @@ class OptimizeReport:
     linear: LinearPassReport
     attention: AttentionReport
     copied: list[str]
+    weights: list[dict] = dataclasses.field(default_factory=list)  # per-weight recipe report
+    calibration: dict | None = None
 
     @property
     def quantized_weights(self) -> int:
@@ -44,33 +50,27 @@ class OptimizeReport:
         total = self.quantized_weights
         return 8.0 * sum(w.packed_bytes for w in self.linear.weights) / total if total else 0.0
 
+    def to_json(self) -> dict:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "target": self.target,
+            "layout": self.layout,
+            "accuracy_level": self.accuracy_level,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "seconds": self.seconds,
+            "bits_per_weight": self.bits_per_weight,
+            "quantized_parameters": self.quantized_weights,
+            "calibration": self.calibration,
+            "attention_fused_layers": self.attention.fused,
+            "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
+            "weights": self.weights,
+        }
+
 
 def _files_size(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
-
-
-def weight_format(config: QuantConfig, target: Target, K: int, N: int) -> WeightFormat:
-    return WeightFormat(
-        K=K,
-        N=N,
-        bits=config.bits,
-        group_size=config.group_size if config.group_size < K else 0,
-        layout=target.layout,
-        scale_bits=config.scale_bits,
-        super_group=config.super_group if config.scale_bits else 0,
-    )
-
-
-def rtn_quantizer(config: QuantConfig, target: Target):
-    """The data-free recipe: round-to-nearest with the configured grid, for every weight."""
-    scale_dtype = np.float16 if config.scale_dtype == "float16" else np.float32
-
-    def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]) -> QuantizedWeight:
-        check_finite(w, key.initializer)
-        fmt = weight_format(config, target, *w.shape)
-        return quantize_rtn(w, fmt, symmetric=config.symmetric, scale_dtype=scale_dtype)
-
-    return quantize
 
 
 def _exclusion(config: QuantConfig):
@@ -87,19 +87,53 @@ def _exclusion(config: QuantConfig):
     return excluded
 
 
+def _decoder_past_shapes(model: ir.Model) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for v in model.graph.inputs:
+        if (v.name or "").startswith("past_key_values.") and v.shape is not None:
+            heads, dim = v.shape[1], v.shape[3]
+            if not isinstance(heads, int) or not isinstance(dim, int):
+                raise InputError(f"{v.name}: KV-cache input without static head sizes")
+            shapes[v.name] = (heads, dim)
+    return shapes
+
+
+def calibration_feeds(
+    model: ir.Model, folder: Path, config: QuantConfig, feeds: Iterable[dict] | None = None
+) -> list[dict]:
+    """Calibration batches: given feeds, or windows of the configured text / token file."""
+    if feeds is not None:
+        out = [dict(f) for f in feeds]
+        if not out:
+            raise InputError("calibration feeds are empty")
+        return out
+    names = [v.name for v in model.graph.inputs]
+    if "input_ids" not in names:
+        raise InputError("--calib-text needs a decoder export with input_ids; pass feeds instead")
+    windows = token_windows(
+        config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
+    )
+    past = _decoder_past_shapes(model)
+    return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
+
+
 def optimize(
     model: str | Path,
     output: str | Path,
     config: QuantConfig | None = None,
     *,
     progress=None,
-    quantizer=None,
+    calibration_feeds_: Iterable[dict] | None = None,
 ) -> OptimizeReport:
     """Quantize every MatMul/Gemm (and embedding Gather) with a constant weight in ``model``
     (a .onnx file or an optimum export folder) and write the result to ``output`` (a .onnx
-    path, or a folder for a folder input)."""
+    path, or a folder for a folder input). With ``config.calib`` (or ``calibration_feeds_``,
+    an iterable of ORT feed dicts) the float model is run over real inputs first and the
+    recipe uses what it sees."""
     start = time.perf_counter()
     config = config or QuantConfig()
+    if calibration_feeds_ is not None and not config.calib:
+        config = dataclasses.replace(config, calib="<feeds>")
     config.validate()
     target = resolve_target(config.target)
     level = target.accuracy_level if config.accuracy_level is None else config.accuracy_level
@@ -108,18 +142,66 @@ def optimize(
     in_files = [source.model_path, *model_io.external_data_files(source.model_path)]
     bytes_before = _files_size(in_files)
     ir_model = model_io.load_model(source)
+    folder = source.folder or source.model_path.parent
     attention = AttentionReport()
     if config.fuse_attention:
-        attention = fuse_attention(ir_model, source.folder or source.model_path.parent)
+        attention = fuse_attention(ir_model, folder)
 
-    quantize = quantizer or rtn_quantizer(config, target)
+    recipe = Recipe(
+        config.bits,
+        config.group_size,
+        config.resolved_method,
+        config.symmetric,
+        config.scale_bits,
+        config.super_group,
+    )
+    scale_dtype = np.float16 if config.scale_dtype == "float16" else np.float32
+    quantizer = single_recipe_quantizer(recipe, Layout(target.layout), scale_dtype)
+    excluded = _exclusion(config)
+
+    cache: dict[WeightKey, object] = {}
+    entries: dict[WeightKey, dict] = {}
+    calibration = None
+    if config.calib:
+        feeds = calibration_feeds(ir_model, folder, config, calibration_feeds_)
+        accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
+        from .calibration.driver import calibrate_and_quantize
+
+        try:
+            result = calibrate_and_quantize(
+                ir_model,
+                [m for _, m in accepted],
+                feeds,
+                quantizer,
+                sequential=config.sequential,
+                threads=config.threads,
+                progress=progress,
+            )
+        except ValueError as e:
+            raise InputError(f"{source.model_path}: {e}") from e
+        cache, entries = result.weights, result.info
+        calibration = {
+            "source": str(config.calib),
+            "batches": len(feeds),
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "sequential": config.sequential,
+        }
+
+    def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]):
+        if key in cache:
+            return cache[key]
+        q, entry = quantizer(key, w, None)
+        entries[key] = entry
+        return q
+
     try:
         linear = quantize_linear_nodes(
             ir_model,
             quantize,
             accuracy_level=int(level),
-            excluded=_exclusion(config),
-            progress=progress,
+            excluded=excluded,
+            progress=None if config.calib else progress,
         )
     except ValueError as e:  # NaN/Inf weights, format violations
         raise InputError(f"{source.model_path}: {e}") from e
@@ -134,11 +216,10 @@ def optimize(
         staged = stage / out_model.name
         model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
         copied = model_io.copy_companions(source, stage)
-        staged_files = [f for f in stage.iterdir() if f.suffix != ".partial"]
-        model_files = [f for f in staged_files if f.name.startswith(out_model.name)]
+        model_files = [f for f in stage.iterdir() if f.name.startswith(out_model.name)]
         bytes_after = _files_size(model_files)
 
-    return OptimizeReport(
+    report = OptimizeReport(
         input=str(source.model_path),
         output=str(out_model),
         target=target.name,
@@ -150,4 +231,10 @@ def optimize(
         linear=linear,
         attention=attention,
         copied=copied,
+        weights=[entries[k] for k in entries],
+        calibration=calibration,
     )
+    if config.report:
+        with model_io.staged_output(Path(config.report)) as stage:
+            (stage / Path(config.report).name).write_text(json.dumps(report.to_json(), indent=1))
+    return report

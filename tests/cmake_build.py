@@ -49,8 +49,12 @@ def build(name: str, *options: str, targets=("all",), timeout=1800) -> Path:
         cmd.append(f"-DONNXRUNTIME_INCLUDE_DIR={headers}")
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
     for target in targets:
-        r = subprocess.run(["cmake", "--build", str(out), "-j2", "--target", target],
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            ["cmake", "--build", str(out), "-j2", "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if r.returncode:
             raise AssertionError(f"build of {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return out

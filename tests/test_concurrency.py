@@ -11,7 +11,7 @@ import pytest
 from quantx_onnx import QuantConfig, optimize
 from quantx_onnx.format import Layout
 
-from .helpers import llm_feeds, qx_matmul_model, quantx_session, random_quantized
+from .helpers import llm_feeds, quantx_session, qx_matmul_model, random_quantized
 
 
 def _hammer(session, feeds_list, rounds=6):

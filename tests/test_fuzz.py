@@ -13,8 +13,13 @@ from .cmake_build import ROOT
 
 @pytest.mark.parametrize("seed", [11, 12])
 def test_fuzz_op_never_crashes(seed):
-    r = subprocess.run([sys.executable, "-m", "tests.fuzz_op", "--cases", "500", "--seed",
-                        str(seed)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_op", "--cases", "500", "--seed", str(seed)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
     valid, rejected = (int(r.stdout.split()[1]), int(r.stdout.split()[4]))
     assert valid > 100 and rejected > 100, r.stdout

@@ -11,8 +11,12 @@ from .cmake_build import ROOT, build, passed_failed, require
 
 def test_native_kernel_tables_match_the_reference():
     out = build("build-tests", "-DQUANTX_BUILD_OPS=OFF", targets=("quantx_kernel_tests",))
-    r = subprocess.run([str(out / "custom_ops" / "quantx_kernel_tests"), "--cases", "600"],
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [str(out / "custom_ops" / "quantx_kernel_tests"), "--cases", "600"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     passed, failed = passed_failed(r.stdout)
     assert r.returncode == 0 and failed == 0, r.stdout[-3000:]
     assert passed >= 600

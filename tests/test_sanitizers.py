@@ -21,13 +21,19 @@ SAN_ENV = {
 @pytest.fixture(scope="module")
 def asan_build():
     require("gcc")
-    return build("build-asan", "-DQUANTX_SANITIZE=ON",
-                 targets=("quantx_kernel_tests", "quantx_ops"))
+    return build(
+        "build-asan", "-DQUANTX_SANITIZE=ON", targets=("quantx_kernel_tests", "quantx_ops")
+    )
 
 
 def test_kernel_tests_under_sanitizers(asan_build):
-    r = subprocess.run([str(asan_build / "custom_ops" / "quantx_kernel_tests"), "--cases", "300"],
-                       capture_output=True, text=True, timeout=1800, env={**os.environ, **SAN_ENV})
+    r = subprocess.run(
+        [str(asan_build / "custom_ops" / "quantx_kernel_tests"), "--cases", "300"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, **SAN_ENV},
+    )
     assert "Sanitizer" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0 and passed_failed(r.stdout)[1] == 0, r.stdout[-3000:]
 
@@ -37,8 +43,9 @@ def _preload() -> str:
     non-instrumented python that loads an instrumented library."""
     libs = []
     for name in ("libasan.so", "libstdc++.so"):
-        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True,
-                              text=True).stdout.strip()
+        path = subprocess.run(
+            ["gcc", f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
         if not os.path.isabs(path):
             pytest.skip(f"{name} not found")
         libs.append(path)
@@ -46,14 +53,31 @@ def _preload() -> str:
 
 
 def test_python_suites_through_the_sanitized_library(asan_build):
-    env = {**os.environ, **SAN_ENV, "LD_PRELOAD": _preload(),
-           "QUANTX_OPS_LIBRARY": str(asan_build / "custom_ops" / "libquantx_ops.so")}
+    env = {
+        **os.environ,
+        **SAN_ENV,
+        "LD_PRELOAD": _preload(),
+        "QUANTX_OPS_LIBRARY": str(asan_build / "custom_ops" / "libquantx_ops.so"),
+    }
     tests = ["tests/test_op.py", "tests/test_concurrency.py::test_one_session_from_eight_threads"]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                       cwd=ROOT, capture_output=True, text=True, timeout=2400, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        env=env,
+    )
     assert r.returncode == 0 and "Sanitizer" not in r.stdout + r.stderr, (
-        r.stdout[-3000:] + r.stderr[-3000:])
-    r = subprocess.run([sys.executable, "-m", "tests.fuzz_op", "--cases", "400", "--seed", "7"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=2400, env=env)
+        r.stdout[-3000:] + r.stderr[-3000:]
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_op", "--cases", "400", "--seed", "7"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        env=env,
+    )
     assert r.returncode == 0 and "Sanitizer" not in r.stderr, r.stderr[-3000:]
     assert r.stdout.startswith("fuzz:"), r.stdout

@@ -1,0 +1,105 @@
+"""Recipes: how one weight matrix is quantized (grid, group, scale format, algorithm), and the
+quantizers the pipeline calls per weight, with or without calibration statistics.
+
+Every quantizer returns the weight and a report entry: recipe, bits per weight, and (with
+calibration) the relative error of the layer output over the calibration tokens,
+tr(dW^T H dW) / tr(W^T H W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .calibration.stats import InputStats
+from .format import Layout, QuantizedWeight, WeightFormat, dequantize, pack, packed_bytes
+from .passes import WeightKey
+from .quantize.gptq import output_error, quantize_gptq
+from .quantize.grid import check_finite
+from .quantize.mse import clip_search
+from .quantize.rtn import finish_uniform, quantize_rtn
+
+METHODS = ("rtn", "mse", "gptq")
+DATA_METHODS = ("gptq",)  # need calibration statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    bits: int = 3
+    group_size: int = 64
+    method: str = "rtn"
+    symmetric: bool = False
+    scale_bits: int = 0
+    super_group: int = 8
+
+    def format(self, K: int, N: int, layout: Layout) -> WeightFormat:
+        group = self.group_size if 0 < self.group_size < K else 0
+        return WeightFormat(
+            K,
+            N,
+            self.bits,
+            group,
+            layout,
+            scale_bits=self.scale_bits,
+            super_group=self.super_group if self.scale_bits else 0,
+        )
+
+    def describe(self) -> str:
+        grid = "sym" if self.symmetric else "asym"
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        hier = f" hier{self.scale_bits}x{self.super_group}" if self.scale_bits else ""
+        return f"{self.method} {self.bits}-bit {grid} {group}{hier}"
+
+
+def quantize_with(
+    recipe: Recipe,
+    w_kn: np.ndarray,
+    layout: Layout,
+    stats: InputStats | None,
+    scale_dtype=np.float16,
+) -> QuantizedWeight:
+    """One matrix W[K, N] with one recipe."""
+    K, N = w_kn.shape
+    fmt = recipe.format(K, N, layout)
+    if recipe.method == "rtn" or (recipe.method in DATA_METHODS and stats is None):
+        return quantize_rtn(w_kn, fmt, symmetric=recipe.symmetric, scale_dtype=scale_dtype)
+    w_nk = np.ascontiguousarray(w_kn.T)
+    importance = np.diag(stats.hessian) if stats is not None else None
+    if recipe.symmetric:
+        base = quantize_rtn(w_kn, fmt, symmetric=True, scale_dtype=scale_dtype)
+    else:
+        scales, lo = clip_search(w_nk, fmt, importance, scale_dtype=scale_dtype)
+        base = finish_uniform(w_nk, fmt, scales, lo, False, scale_dtype)
+    if recipe.method == "mse":
+        return base
+    if recipe.method == "gptq":
+        return quantize_gptq(w_kn, stats.hessian, fmt, base)
+    raise ValueError(f"unknown method {recipe.method!r}")
+
+
+def report_entry(
+    recipe: Recipe, key: WeightKey, w_kn: np.ndarray, q: QuantizedWeight, stats: InputStats | None
+) -> dict:
+    entry = {
+        "weight": key.initializer + (" (transposed)" if key.transposed else ""),
+        "K": q.fmt.K,
+        "N": q.fmt.N,
+        "recipe": recipe.describe(),
+        "bits_per_weight": 8.0 * packed_bytes(pack(q)) / (q.fmt.K * q.fmt.N),
+    }
+    if stats is not None:
+        entry["output_error"] = output_error(w_kn, dequantize(q), stats.hessian)
+        entry["calibration_tokens"] = stats.tokens
+    return entry
+
+
+def single_recipe_quantizer(recipe: Recipe, layout: Layout, scale_dtype=np.float16):
+    """Quantizer applying `recipe` to every weight."""
+
+    def quantize(key: WeightKey, w_kn: np.ndarray, stats: InputStats | None):
+        check_finite(w_kn, key.initializer)
+        q = quantize_with(recipe, w_kn, layout, stats, scale_dtype)
+        return q, report_entry(recipe, key, w_kn, q, stats)
+
+    return quantize

@@ -1,0 +1,141 @@
+"""Calibration: statistics, the stage runner, and each algorithm lowering the layer output
+error against round-to-nearest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from quantx_onnx import QuantConfig, optimize
+from quantx_onnx.calibration.stages import StageRunner, partition
+from quantx_onnx.calibration.stats import InputStats
+from quantx_onnx.format import Layout, WeightFormat, dequantize
+from quantx_onnx.quantize.gptq import output_error, quantize_gptq
+from quantx_onnx.quantize.mse import clip_search
+from quantx_onnx.quantize.rtn import finish_uniform, quantize_rtn
+from quantx_onnx.runtime import session_options
+
+from .helpers import llm_feeds
+
+
+def _correlated_inputs(rng, tokens, K):
+    """Activations with a few strong, correlated channels and one massive token, as in LLMs."""
+    basis = rng.standard_normal((K, K)) / np.sqrt(K)
+    scale = np.exp(rng.normal(0, 1.0, K))
+    x = (rng.standard_normal((tokens, K)) @ basis) * scale
+    x[0] *= 60.0  # an attention-sink-like token
+    return x.astype(np.float32)
+
+
+def test_input_stats_reduce_exactly(rng):
+    x = _correlated_inputs(rng, 300, 24)
+    plain, norm = InputStats(24, "plain", sample_rows=50), InputStats(24, "norm", sample_rows=50)
+    for chunk in np.array_split(x, 7):
+        plain.update(chunk)
+        norm.update(chunk)
+    want = x.T.astype(np.float64) @ x / 300
+    np.testing.assert_allclose(plain.hessian, want, atol=1e-6 * np.abs(want).max())
+    w = 1.0 / np.mean(x.astype(np.float64) ** 2, axis=1)
+    want = (x.T * w) @ x / 300
+    np.testing.assert_allclose(norm.hessian, want, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(plain.channel_abs_mean, np.abs(x).mean(axis=0), rtol=1e-6)
+    assert plain.samples.shape == (50, 24)
+    assert all(any(np.array_equal(s, r) for r in x) for s in plain.samples[:5])
+    # the massive token dominates the plain Hessian, not the normalised one
+    assert np.trace(np.outer(x[0], x[0])) / 300 / np.trace(plain.hessian) > 0.5
+    assert w[0] * np.sum(x[0].astype(np.float64) ** 2) / 300 / np.trace(norm.hessian) < 0.01
+
+
+@pytest.mark.parametrize("bits,group", [(3, 64), (2, 32), (4, 128)])
+def test_gptq_lowers_output_error(rng, bits, group):
+    K, N = 256, 96
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    x = _correlated_inputs(rng, 2048, K)
+    stats = InputStats(K, "norm")
+    stats.update(x)
+    fmt = WeightFormat(K, N, bits, group, Layout.TILE16)
+    rtn = quantize_rtn(w, fmt)
+    gptq = quantize_gptq(w, stats.hessian, fmt, rtn)
+    e_rtn = output_error(w, dequantize(rtn), stats.hessian)
+    e_gptq = output_error(w, dequantize(gptq), stats.hessian)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    # the same grid: only codes move
+    assert np.array_equal(gptq.scales, rtn.scales)
+
+
+def test_clip_search_lowers_weighted_error(rng):
+    K, N = 128, 64
+    w = rng.standard_t(3, (K, N)).astype(np.float32)  # heavy tails: clipping pays
+    imp = np.exp(rng.normal(0, 1, K)).astype(np.float32)
+    fmt = WeightFormat(K, N, 3, 32, Layout.ROW)
+    w_nk = np.ascontiguousarray(w.T)
+    rtn = quantize_rtn(w, fmt)
+    s, lo = clip_search(w_nk, fmt, imp)
+    mse = finish_uniform(w_nk, fmt, s, lo, False, np.float16)
+
+    def err(q):
+        return float((np.square(dequantize(q) - w) * imp[:, None]).sum())
+
+    assert err(mse) < 0.9 * err(rtn)
+
+
+def test_stage_runner_reproduces_the_full_model(tiny_llama):
+    model = ir.load(str(tiny_llama / "model.onnx"))
+    stages = partition(model.graph)
+    assert len(stages) >= 3  # prologue + one per layer (epilogue joins the last)
+    sess = ort.InferenceSession(str(tiny_llama / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = llm_feeds(sess, seq=9, batch=2, seed=3)
+    # the final norm's input, from a full run with an extra output
+    last = stages[-1]
+    hidden = last.inputs[0]
+    runner = StageRunner(model, lambda: session_options(threads=1))
+    live = [dict(feeds)]
+    for st in runner.stages[:-1]:
+        runner.run_stage(st, live, [])
+        runner.release(st, live)
+    staged = live[0][hidden.name]
+    model.graph.outputs.append(hidden)
+    full = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    want = full.run([hidden.name], feeds)[0]
+    np.testing.assert_allclose(staged, want, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_optimize_reports_lower_output_error(tiny_llama, tmp_path, rng):
+    tokens = rng.integers(0, 320, (8, 64)).astype(np.int64)
+    np.save(tmp_path / "calib.npy", tokens)
+    reports = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        rep = optimize(
+            tiny_llama,
+            out,
+            QuantConfig(
+                bits=3,
+                group_size=32,
+                method=method,
+                calib=str(tmp_path / "calib.npy"),
+                report=str(tmp_path / f"{method}.json"),
+            ),
+        )
+        assert rep.calibration["tokens"] == tokens.size
+        data = json.loads((tmp_path / f"{method}.json").read_text())
+        assert len(data["weights"]) == len(rep.linear.weights)
+        reports[method] = {
+            w["weight"]: w["output_error"] for w in data["weights"] if "output_error" in w
+        }
+    assert reports["rtn"].keys() == reports["gptq"].keys() and len(reports["rtn"]) >= 14
+    better = sum(reports["gptq"][k] < reports["rtn"][k] for k in reports["rtn"])
+    assert better >= 0.8 * len(reports["rtn"])
+
+
+def test_calibration_feeds_through_the_python_api(tiny_llama, tmp_path):
+    sess = ort.InferenceSession(str(tiny_llama / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = [llm_feeds(sess, seq=16, batch=2, seed=s) for s in range(3)]
+    rep = optimize(tiny_llama, tmp_path / "q", QuantConfig(bits=4), calibration_feeds_=feeds)
+    assert rep.calibration["batches"] == 3 and rep.calibration["tokens"] == 3 * 2 * 16
