@@ -23,7 +23,7 @@ def _hammer(session, feeds_list, rounds=6):
     def work(t):
         try:
             start.wait()
-            for r in range(rounds):
+            for _ in range(rounds):
                 for i, feeds in enumerate(feeds_list):
                     results.setdefault((t, i), []).append(session.run(None, feeds)[0])
         except BaseException as e:  # noqa: BLE001 - reported below

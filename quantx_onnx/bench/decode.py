@@ -147,9 +147,11 @@ def run(
     if len(results) > 1:
         first = results[0]
         for r in results[1:]:
+            speed = first.decode_tokens_per_s / r.decode_tokens_per_s
             out(
-                f"  {first.model} vs {r.model}: decode {first.decode_tokens_per_s / r.decode_tokens_per_s:.2f}x, "
-                f"prefill {r.prefill_ms / first.prefill_ms:.2f}x, size {r.file_bytes / first.file_bytes:.2f}x"
+                f"  {first.model} vs {r.model}: decode {speed:.2f}x, "
+                f"prefill {r.prefill_ms / first.prefill_ms:.2f}x, "
+                f"size {r.file_bytes / first.file_bytes:.2f}x"
             )
     return results
 

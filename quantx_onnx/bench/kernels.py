@@ -280,7 +280,8 @@ def run(
         + (
             "one cache-resident copy (--hot)"
             if hot
-            else f"rotating copies, >= {working_set_mb} MB per config (DRAM-resident, as in a real model)"
+            else f"rotating copies, >= {working_set_mb} MB per config "
+            "(DRAM-resident, as in a real model)"
         )
     )
     header = (
