@@ -106,14 +106,58 @@ def _tensor_name(key: WeightKey, tensor: str) -> str:
     return f"{key.initializer}{suffix}.qx.{tensor}"
 
 
-def _register_packed(graph: ir.Graph, key: WeightKey, packed: dict[str, np.ndarray]):
+# Makes the stored tensor for a packed array (in memory by default; see SpillFile).
+TensorFactory = Callable[[str, np.ndarray], ir.TensorProtocol]
+
+
+def in_memory(name: str, array: np.ndarray) -> ir.TensorProtocol:
+    return ir.tensor(array, name=name)
+
+
+class SpillFile:
+    """Writes packed tensors to a scratch file as soon as they exist and hands out external
+    tensors over it, so that quantizing a large model holds one weight at a time in memory,
+    not the quantized model. The file is removed by `close`."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._offset = 0
+
+    def __call__(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
+        data = np.ascontiguousarray(array).tobytes()
+        self._file.write(data)
+        self._file.flush()
+        tensor = ir.ExternalTensor(
+            self.path.name,
+            self._offset,
+            len(data),
+            ir.DataType.from_numpy(array.dtype),
+            shape=ir.Shape(array.shape),
+            name=name,
+            base_dir=str(self.path.parent),
+        )
+        self._offset += len(data)
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _register_packed(
+    graph: ir.Graph, key: WeightKey, packed: dict[str, np.ndarray], make_tensor: TensorFactory
+):
     """Initializers for the packed tensors, as the node's weight inputs in TENSOR_ORDER."""
     values = []
     for name in TENSOR_ORDER:
         if name not in packed:
             values.append(None)
             continue
-        value = ir.Value(name=_tensor_name(key, name), const_value=ir.tensor(packed[name]))
+        tname = _tensor_name(key, name)
+        value = ir.Value(name=tname, const_value=make_tensor(tname, packed[name]))
         graph.register_initializer(value)
         values.append(value)
     while values and values[-1] is None:
@@ -136,6 +180,7 @@ def quantize_linear_nodes(
     rules: Iterable[Rule] = DEFAULT_RULES,
     excluded: Callable[[LinearMatch], bool] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    make_tensor: TensorFactory = in_memory,
 ) -> LinearPassReport:
     """Rewrite ``model`` in place; returns what was rewritten, skipped and packed."""
     start = time.perf_counter()
@@ -155,7 +200,7 @@ def quantize_linear_nodes(
         qw = quantize(key, w, matches)
         del w
         packed = pack(qw)
-        inputs = _register_packed(graph, key, packed)
+        inputs = _register_packed(graph, key, packed, make_tensor)
         attributes = {**qw.fmt.attributes(), "accuracy_level": int(accuracy_level)}
         for rule, m in rule_matches:
             new_nodes = rule.replace(m, inputs, attributes)

@@ -86,12 +86,13 @@ def weight_dtype_problem(weight: ir.Value) -> str | None:
 
 
 def weight_array(weight: ir.Value, key: WeightKey) -> np.ndarray:
-    """W[K, N] as float32 (the initializer is read now, e.g. from external data)."""
-    w = np.asarray(weight.const_value.numpy(), dtype=np.float32)
+    """W[K, N] in the initializer's own float dtype, as a view where possible (an external
+    tensor stays memory-mapped): quantizers convert it a chunk of columns at a time."""
+    w = weight.const_value.numpy()
     w = w.T if key.transposed else w
     if key.alpha != 1.0:
-        w = w * np.float32(key.alpha)
-    return np.ascontiguousarray(w)
+        w = w.astype(np.float32) * np.float32(key.alpha)
+    return w
 
 
 @dataclasses.dataclass(frozen=True)

@@ -490,11 +490,41 @@ _PACKERS = {Layout.ROW: (_pack_row, _unpack_row), Layout.TILE16: (_pack_tile16, 
 
 
 # --- public pack / unpack ----------------------------------------------------------------------
+PACK_CHUNK = 4096  # columns packed at a time: bounds the temporaries of big matrices
+
+
+def _columns(q: QuantizedWeight, f: WeightFormat, c0: int, c1: int) -> QuantizedWeight:
+    """Columns [c0, c1) of ``q`` as a weight of their own (codebook and input scale left out)."""
+
+    def cut(a):
+        return None if a is None else a[c0:c1]
+
+    return QuantizedWeight(
+        dataclasses.replace(f, N=c1 - c0),
+        q.codes[c0:c1],
+        q.scales[c0:c1],
+        cut(q.zero_points),
+        cut(q.super_scales),
+        cut(q.sub_scales),
+        scale_dtype=q.scale_dtype,
+    )
+
+
 def pack(q: QuantizedWeight, layout: Layout | None = None) -> dict[str, np.ndarray]:
-    """Packed tensors of ``q`` in ``layout`` (default: ``q.fmt.layout``), by input name."""
+    """Packed tensors of ``q`` in ``layout`` (default: ``q.fmt.layout``), by input name.
+
+    Every per-column tensor of both layouts is indexed by column (ROW) or 16-column tile
+    (TILE16) first, so wide matrices are packed in chunks of columns and concatenated."""
     f = q.fmt if layout is None else q.fmt.with_layout(layout)
     packer, _ = _PACKERS[f.layout]
-    out = packer(f, q)
+    if f.N <= PACK_CHUNK:
+        out = packer(f, q)
+    else:
+        parts = [
+            packer(*(lambda sub: (sub.fmt, sub))(_columns(q, f, c, min(c + PACK_CHUNK, f.N))))
+            for c in range(0, f.N, PACK_CHUNK)
+        ]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if q.codebook is not None:
         out["codebook"] = q.codebook.astype(q.scale_dtype)
     if q.input_scale is not None:

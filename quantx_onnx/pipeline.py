@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ from .errors import InputError, NothingToQuantize
 from .format import Layout
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
-from .passes.quantize_linear import DEFAULT_RULES, find_matches
+from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
 from .recipes import Recipe, single_recipe_quantizer
 from .targets import resolve_target
 
@@ -195,6 +196,12 @@ def optimize(
         entries[key] = entry
         return q
 
+    # Large models (external data) spill packed weights to disk as they are made, so memory
+    # stays bounded by one weight rather than by the quantized model.
+    spill = None
+    if source.uses_external_data:
+        out_model.parent.mkdir(parents=True, exist_ok=True)
+        spill = SpillFile(out_model.parent / f".{out_model.name}.{os.getpid()}.spill")
     try:
         linear = quantize_linear_nodes(
             ir_model,
@@ -202,22 +209,25 @@ def optimize(
             accuracy_level=int(level),
             excluded=excluded,
             progress=None if config.calib else progress,
+            make_tensor=spill or in_memory,
         )
+        if not linear.rewritten:
+            why = "; ".join(sorted({f"{n.node}: {n.reason}" for n in linear.skipped})[:5])
+            raise NothingToQuantize(
+                f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize"
+                + (f" (skipped: {why})" if why else "")
+            )
+        with model_io.staged_output(out_model) as stage:
+            staged = stage / out_model.name
+            model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
+            copied = model_io.copy_companions(source, stage)
+            model_files = [f for f in stage.iterdir() if f.name.startswith(out_model.name)]
+            bytes_after = _files_size(model_files)
     except ValueError as e:  # NaN/Inf weights, format violations
         raise InputError(f"{source.model_path}: {e}") from e
-    if not linear.rewritten:
-        why = "; ".join(sorted({f"{n.node}: {n.reason}" for n in linear.skipped})[:5])
-        raise NothingToQuantize(
-            f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize"
-            + (f" (skipped: {why})" if why else "")
-        )
-
-    with model_io.staged_output(out_model) as stage:
-        staged = stage / out_model.name
-        model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
-        copied = model_io.copy_companions(source, stage)
-        model_files = [f for f in stage.iterdir() if f.name.startswith(out_model.name)]
-        bytes_after = _files_size(model_files)
+    finally:
+        if spill is not None:
+            spill.close()
 
     report = OptimizeReport(
         input=str(source.model_path),

@@ -64,7 +64,7 @@ def quantize_with(
     fmt = recipe.format(K, N, layout)
     if recipe.method == "rtn" or (recipe.method in DATA_METHODS and stats is None):
         return quantize_rtn(w_kn, fmt, symmetric=recipe.symmetric, scale_dtype=scale_dtype)
-    w_nk = np.ascontiguousarray(w_kn.T)
+    w_nk = np.ascontiguousarray(np.asarray(w_kn, np.float32).T)
     importance = np.diag(stats.hessian) if stats is not None else None
     if recipe.symmetric:
         base = quantize_rtn(w_kn, fmt, symmetric=True, scale_dtype=scale_dtype)

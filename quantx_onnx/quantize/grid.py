@@ -37,9 +37,13 @@ def assign_codes(w_nk, fmt: WeightFormat, scales, zero_points) -> np.ndarray:
     return ungrouped(q, fmt)
 
 
-def check_finite(w: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(w)):
-        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+def check_finite(w: np.ndarray, name: str, chunk: int = 4096) -> None:
+    """Refuse NaN/Inf weights (checked a chunk of columns at a time)."""
+    bad = 0
+    for c in range(0, w.shape[-1], chunk):
+        part = w[..., c : c + chunk]
+        bad += int(part.size - np.count_nonzero(np.isfinite(part)))
+    if bad:
         raise ValueError(f"weight {name!r} contains {bad} NaN/Inf values; refusing to quantize")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..format import QuantizedWeight, WeightFormat, hierarchical_scales
@@ -50,10 +52,37 @@ def split_hierarchical(scales: np.ndarray, fmt: WeightFormat, dtype):
 def quantize_rtn(
     w: np.ndarray, fmt: WeightFormat, symmetric: bool = False, scale_dtype=np.float16
 ) -> QuantizedWeight:
-    """RTN-quantize ``w[K, N]`` into ``fmt``."""
-    w_nk = np.ascontiguousarray(np.asarray(w, np.float32).T)
-    scales, lo = minmax_params(w_nk, fmt, symmetric)
-    return finish_uniform(w_nk, fmt, scales, lo, symmetric, scale_dtype)
+    """RTN-quantize ``w[K, N]`` (any float dtype, possibly a memory-mapped or transposed view)
+    into ``fmt``, a chunk of columns at a time so that temporaries stay small."""
+    parts = []
+    for c in range(0, fmt.N, RTN_CHUNK):
+        c1 = min(c + RTN_CHUNK, fmt.N)
+        w_nk = np.ascontiguousarray(np.asarray(w[:, c:c1], np.float32).T)
+        sub = dataclasses.replace(fmt, N=c1 - c)
+        scales, lo = minmax_params(w_nk, sub, symmetric)
+        parts.append(finish_uniform(w_nk, sub, scales, lo, symmetric, scale_dtype))
+    return join_columns(parts, fmt) if len(parts) > 1 else parts[0]
+
+
+RTN_CHUNK = 4096
+
+
+def join_columns(parts: list[QuantizedWeight], fmt: WeightFormat) -> QuantizedWeight:
+    """One weight from weights of consecutive column ranges."""
+
+    def cat(name):
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    return QuantizedWeight(
+        fmt,
+        cat("codes"),
+        cat("scales"),
+        cat("zero_points"),
+        cat("super_scales"),
+        cat("sub_scales"),
+        scale_dtype=parts[0].scale_dtype,
+    )
 
 
 def finish_uniform(w_nk, fmt, scales, lo, symmetric, scale_dtype) -> QuantizedWeight:
