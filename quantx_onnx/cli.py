@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -454,9 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_as_interrupt(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so every cleanup (staging folders, spill files) runs."""
+    from .errors import Interrupted
+
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output was removed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        pass
     try:
         return args.run(args)
     except QuantXError as e:
@@ -465,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted by SIGINT; partial output was removed", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: say so briefly, with how to see more
         if args.debug:

@@ -145,7 +145,9 @@ def _signals_as_exceptions():
     """SIGTERM/SIGINT raise Interrupted inside the block so staged output is cleaned up."""
 
     def handler(signum, frame):
-        raise Interrupted(f"interrupted by signal {signal.Signals(signum).name}; nothing written")
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signum).name}; partial output was removed"
+        )
 
     previous = {}
     try:

