@@ -22,6 +22,10 @@ namespace {
 constexpr int64_t kDecodeRows = 4;    // up to this many rows: weights streamed once per item
 constexpr int64_t kRowChunk = 256;    // prefill: rows per work item
 constexpr int64_t kMaxItems = 64;     // target number of tile chunks
+#ifndef QX_LDA_PAD
+#define QX_LDA_PAD 64
+#endif
+constexpr int64_t kLdaPad = QX_LDA_PAD;  // elements past the stored k axis in every row
 
 // Copies row m of A onto the stored k axis: groups padded with zeros, input scale applied.
 void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, float* out) {
@@ -39,7 +43,7 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
     }
     std::fill(dst + len, dst + f.stored_length(j), 0.0f);
   }
-  std::fill(out + f.k_stored(), out + f.k_stored() + 64, 0.0f);  // the row padding
+  std::fill(out + f.k_stored(), out + f.k_stored() + kLdaPad, 0.0f);  // the row padding
 }
 
 }  // namespace
@@ -50,7 +54,7 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   const WeightFormat& f = plan.w.fmt;
   // Row stride: the stored k axis plus 64 elements, so that rows 4 KB apart (K = 1024, 4096,
   // ...) do not all fall into one L1 set when a microkernel walks several rows at once.
-  const int64_t ks = f.k_stored() + 64;
+  const int64_t ks = f.k_stored() + kLdaPad;
   const int64_t nb = static_cast<int64_t>(plan.blocks.size());
   const bool int8 = plan.path == ComputePath::kInt8;
 

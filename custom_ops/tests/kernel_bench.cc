@@ -73,7 +73,7 @@ class Pool {
 int main(int argc, char** argv) {
   std::string isa = "ref";
   int64_t K = 4096, N = 4096, M = 1, group = 64;
-  int bits = 3, layout = 1, path = 4, threads = 2, iters = 100;
+  int bits = 3, layout = 1, path = 4, threads = 2, iters = 100, copies = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -87,6 +87,7 @@ int main(int argc, char** argv) {
     else if (k == "--path") path = std::atoi(v);
     else if (k == "--threads") threads = std::atoi(v);
     else if (k == "--iters") iters = std::atoi(v);
+    else if (k == "--copies") copies = std::max(1, std::atoi(v));
   }
   std::string why;
   const KernelTable* kt = KernelsByName(isa, &why);
@@ -111,10 +112,13 @@ int main(int argc, char** argv) {
     return static_cast<size_t>(n);
   };
   std::mt19937 rng(1);
-  std::vector<uint8_t> B(count(s.B)), zp(count(s.zero_points));
+  // --copies C: rotate over C distinct weight copies (C x the weight bytes beyond the last-level
+  // cache makes every run read from DRAM, as a real model's decode does)
+  const size_t per_copy = count(s.B);
+  std::vector<uint8_t> B(per_copy * copies), zp(count(s.zero_points) * copies);
   for (auto& b : B) b = static_cast<uint8_t>(rng());
   for (auto& b : zp) b = static_cast<uint8_t>(rng());
-  std::vector<uint16_t> scales(count(s.scales), FloatToHalf(0.01f));
+  std::vector<uint16_t> scales(count(s.scales) * copies, FloatToHalf(0.01f));
   std::vector<float> a(static_cast<size_t>(M * K)), y(static_cast<size_t>(M * N));
   std::normal_distribution<float> normal;
   for (auto& v : a) v = normal(rng);
@@ -133,6 +137,10 @@ int main(int argc, char** argv) {
   ParallelFor pf = [&](int64_t n, const std::function<void(int64_t)>& fn) { pool.For(n, fn); };
   std::vector<double> times;
   for (int it = 0; it < iters + 5; ++it) {
+    const int c = it % copies;
+    plan.w.B = B.data() + c * per_copy;
+    plan.w.zero_points = zp.data() + c * (zp.size() / copies);
+    plan.w.scales = scales.data() + c * (scales.size() / copies);
     auto t0 = std::chrono::steady_clock::now();
     RunMatMul(plan, a.data(), ElemType::kFloat32, M, y.data(), pf);
     auto t1 = std::chrono::steady_clock::now();
@@ -141,7 +149,7 @@ int main(int argc, char** argv) {
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
   // Streaming roofline over a buffer of the same size, same threads.
-  std::vector<uint8_t> buf((B.size() + zp.size() + scales.size() * 2 + 63) / 64 * 64 * 1, 1);
+  std::vector<uint8_t> buf((B.size() + zp.size() + scales.size() * 2) / copies / 64 * 64, 1);
   auto stream = kt->stream_read ? kt->stream_read : StreamReadPortable;
   std::vector<double> st;
   std::atomic<uint64_t> sink{0};
@@ -157,7 +165,7 @@ int main(int argc, char** argv) {
   }
   std::sort(st.begin(), st.end());
   std::printf("stream roofline for the same bytes: %.4f ms\n", st[st.size() / 2]);
-  const double bytes = static_cast<double>(B.size() + zp.size() + scales.size() * 2);
+  const double bytes = static_cast<double>(B.size() + zp.size() + scales.size() * 2) / copies;
   std::printf("isa=%s M=%lld K=%lld N=%lld bits=%d group=%lld layout=%d path=%d threads=%d: "
               "%.4f ms  %.1f GB/s  %.1f GMAC/s\n",
               kt->name, (long long)M, (long long)K, (long long)N, bits, (long long)group, layout,

@@ -167,13 +167,18 @@ def build(cfg: Config, K: int, N: int, M: int, threads: int, working_set: int, r
             helper.make_opsetid(DOMAIN, 1),
         ],
     )
-    so = session_options(threads=threads)
+    so = bench_options(threads)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {"A": rng.standard_normal((M, K), dtype=np.float32)}
     return Built(sess, copies, weight_bytes, feeds)
+
+
+def bench_options(threads: int) -> ort.SessionOptions:
+    """ONNX Runtime's defaults: a per-session intra-op pool that spins while busy."""
+    so = session_options(threads=threads)
+    so.inter_op_num_threads = 1
+    return so
 
 
 def stream_ms(nbytes: int, threads: int, iters: int = 30) -> float:
@@ -185,23 +190,29 @@ def stream_ms(nbytes: int, threads: int, iters: int = 30) -> float:
     return float(fn(buf.ctypes.data, buf.nbytes, threads, iters))
 
 
-def _time_run(built: Built) -> float:
-    t0 = time.perf_counter()
-    built.session.run(None, built.feeds)
-    return (time.perf_counter() - t0) * 1e3 / built.copies
+def _time_burst(built: Built, runs: int) -> list[float]:
+    """ms per matmul for `runs` runs in a row, after two warm-up runs. A short pause first lets
+    the thread pool of the session that ran before stop spinning, so it cannot slow this one."""
+    time.sleep(0.02)
+    for _ in range(2):
+        built.session.run(None, built.feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        built.session.run(None, built.feeds)
+        times.append((time.perf_counter() - t0) * 1e3 / built.copies)
+    return times
 
 
 def bench_shape(K, N, M, configs, threads, rounds, working_set, rng, layout):
     built = {c.name: build(c, K, N, M, threads, working_set, rng, layout) for c in configs}
-    for b in built.values():  # warm up
-        for _ in range(2):
-            b.session.run(None, b.feeds)
     samples = {name: [] for name in built}
-    deadline = time.perf_counter() + 20.0  # bound the time spent on one shape
+    deadline = time.perf_counter() + 25.0  # bound the time spent on one shape
+    burst = 5 if M <= 16 else 2
     for r in range(rounds):
-        for name, b in built.items():  # alternating, so drift hits every config alike
-            samples[name].append(_time_run(b))
-        if r >= 4 and time.perf_counter() > deadline:
+        for name, b in built.items():  # alternating bursts: drift hits every config alike
+            samples[name].extend(_time_burst(b, burst))
+        if r >= 2 and time.perf_counter() > deadline:
             break
     rows = []
     for c in configs:

@@ -32,6 +32,9 @@
 #ifndef QX_PREFETCH
 #define QX_PREFETCH 2048
 #endif
+#ifndef QX_PARAM_PREFETCH
+#define QX_PARAM_PREFETCH 1
+#endif
 
 namespace quantx {
 namespace {
@@ -123,6 +126,21 @@ struct ParamCursor {
     }
   }
 
+  // The scales and zero points of a group a few groups ahead (their streams are separate from
+  // the codes', so the prefetch of the code stream does not cover them).
+  __attribute__((always_inline)) void Prefetch(int64_t group) const {
+#if QX_PARAM_PREFETCH
+    const int64_t ahead = group + 8;
+    const int64_t sg = scale_bits ? ahead / super_group : ahead;
+    _mm_prefetch(reinterpret_cast<const char*>(scales16 ? static_cast<const void*>(scales16 + sg * kTileN)
+                                                        : static_cast<const void*>(scales32 + sg * kTileN)),
+                 _MM_HINT_T0);
+    if (zero_points) _mm_prefetch(reinterpret_cast<const char*>(zero_points + ahead * 2 * kBits), _MM_HINT_T0);
+#else
+    (void)group;
+#endif
+  }
+
   __attribute__((always_inline)) GroupParams Get(int64_t group) const {
     const int64_t sg = scale_bits ? group / super_group : group;
     GroupParams p;
@@ -188,6 +206,14 @@ __attribute__((always_inline)) inline void Dot4(__m512i& acc, __m512i w, __m512i
   asm("vpdpbusd %[a], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [a] "v"(a));
 }
 
+// acc += u8 weights . the four int8 activations at p, broadcast to every lane straight from
+// memory (embedded broadcast: the load folds into the instruction).
+__attribute__((always_inline)) inline void Dot4Mem(__m512i& acc, __m512i w, const int8_t* p) {
+  asm("vpdpbusd %[a]%{1to16%}, %[w], %[acc]"
+      : [acc] "+v"(acc)
+      : [w] "v"(w), [a] "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+
 inline __m512i Bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -234,10 +260,13 @@ void Int8DecodeTiles(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0)
       if (b.group != group) {
         group = b.group;
         p = params.Get(group);
+        params.Prefetch(group);
       }
       // four accumulators per row (one per k4-step) keep the vpdpbusd chains short
       __m512i acc[kRows][4];
+#pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_si512();
       const uint8_t* sb = codes + (b.offset / kKAlign) * sb_bytes;
       const int8_t* a = args.a_i8 + m0 * args.lda + b.offset;
@@ -248,9 +277,11 @@ void Int8DecodeTiles(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0)
           _mm_prefetch(reinterpret_cast<const char*>(sb) + kPrefetchBytes + 64, _MM_HINT_T0);
         __m512i wv[4];
         UnpackSuperblock<kBits>(sb, wv);
+#pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
           for (int s = 0; s < 4; ++s)
-            Dot4(acc[r][s], wv[s], Bcast4(a + r * args.lda + k + 4 * s));
+            Dot4Mem(acc[r][s], wv[s], a + r * args.lda + k + 4 * s);
       }
       for (int r = 0; r < kRows; ++r) {
         const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]),
@@ -285,21 +316,24 @@ void UnpackBlockU8(const uint8_t* sb, int64_t length, uint8_t* wbuf) {
   }
 }
 
-template <int R>
-inline void Int8Micro(const uint8_t* wbuf, int64_t steps, const int8_t* a, int64_t lda,
-                      __m512i acc[R]) {
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < steps; ++q) {
-    const __m512i wv = _mm512_load_si512(wbuf + 64 * q);
-    for (int r = 0; r < R; ++r) Dot4(acc[r], wv, Bcast4(a + r * lda + 4 * q));
-  }
-}
-
+// R rows x 16 columns over one (tile, block): the unpacked weights in `wbuf` are loaded once
+// per k4-step and reused by every row. The accumulators must stay local to this function:
+// passed by pointer, GCC spills them to the stack after every vpdpbusd.
 template <int R>
 void Int8Rows(const MatMulArgs& args, const uint8_t* wbuf, const KBlock& b, int64_t bi,
               const GroupParams& p, int64_t m, float* y) {
   __m512i acc[R];
-  Int8Micro<R>(wbuf, b.length / 4, args.a_i8 + m * args.lda + b.offset, args.lda, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  const int8_t* a = args.a_i8 + m * args.lda + b.offset;
+  const int64_t lda = args.lda;
+  const int64_t steps = b.length / 4;
+  for (int64_t q = 0; q < steps; ++q) {
+    const __m512i wv = _mm512_load_si512(wbuf + 64 * q);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) Dot4Mem(acc[r], wv, a + r * lda + 4 * q);
+  }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t idx = (m + r) * args.n_blocks + bi;
     float* yr = y + r * kTileN;
@@ -389,11 +423,14 @@ void DequantBlockF32(const uint8_t* sb, int64_t length, const GroupParams& p, fl
 template <int R>
 void F32Rows(const float* wbuf, int64_t length, const float* a, int64_t lda, float* y) {
   __m512 acc[R];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm512_load_ps(y + r * kTileN);
   for (int64_t k = 0; k < length; ++k) {
     const __m512 wv = _mm512_load_ps(wbuf + k * kTileN);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), wv, acc[r]);
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) _mm512_store_ps(y + r * kTileN, acc[r]);
 }
 
@@ -448,7 +485,9 @@ void F32MatMul(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, int64
 template <int kBits>
 void MatMulBits(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   if (args.path == ComputePath::kFloat) return F32MatMul<kBits>(args, t0, t1, m0, m1);
-  if (kBits != 0 && m1 - m0 <= kDecodeRowsMax) return Int8Decode<kBits>(args, t0, t1, m0, m1 - m0);
+  if constexpr (kBits != 0) {
+    if (m1 - m0 <= kDecodeRowsMax) return Int8Decode<kBits>(args, t0, t1, m0, m1 - m0);
+  }
   return Int8Prefill<kBits>(args, t0, t1, m0, m1);
 }
 
