@@ -247,6 +247,9 @@ class QuantizedWeight:
                 raise FormatError(f"codebook values are not exact {np.dtype(self.scale_dtype)}")
         if self.input_scale is not None:
             _check_shape("input_scale", self.input_scale, (f.K,))
+            s = self.input_scale
+            if not np.array_equal(s.astype(self.scale_dtype).astype(np.float32), s):
+                raise FormatError(f"input_scale values are not exact {np.dtype(self.scale_dtype)}")
 
     @property
     def effective_zero_points(self) -> np.ndarray:
@@ -528,7 +531,7 @@ def pack(q: QuantizedWeight, layout: Layout | None = None) -> dict[str, np.ndarr
     if q.codebook is not None:
         out["codebook"] = q.codebook.astype(q.scale_dtype)
     if q.input_scale is not None:
-        out["input_scale"] = q.input_scale.astype(np.float32)
+        out["input_scale"] = q.input_scale.astype(q.scale_dtype)
     check_packed(out, f)
     return out
 

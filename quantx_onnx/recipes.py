@@ -15,13 +15,14 @@ import numpy as np
 from .calibration.stats import InputStats
 from .format import Layout, QuantizedWeight, WeightFormat, dequantize, pack, packed_bytes
 from .passes import WeightKey
+from .quantize.awq import awq_quantize
 from .quantize.gptq import output_error, quantize_gptq
 from .quantize.grid import check_finite
 from .quantize.mse import clip_search
 from .quantize.rtn import finish_uniform, quantize_rtn
 
-METHODS = ("rtn", "mse", "gptq")
-DATA_METHODS = ("gptq",)  # need calibration statistics
+METHODS = ("rtn", "mse", "gptq", "awq")
+DATA_METHODS = ("gptq", "awq")  # need calibration statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +65,25 @@ def quantize_with(
     fmt = recipe.format(K, N, layout)
     if recipe.method == "rtn" or (recipe.method in DATA_METHODS and stats is None):
         return quantize_rtn(w_kn, fmt, symmetric=recipe.symmetric, scale_dtype=scale_dtype)
-    w_nk = np.ascontiguousarray(np.asarray(w_kn, np.float32).T)
     importance = np.diag(stats.hessian) if stats is not None else None
-    if recipe.symmetric:
-        base = quantize_rtn(w_kn, fmt, symmetric=True, scale_dtype=scale_dtype)
-    else:
+
+    def grid(w: np.ndarray) -> QuantizedWeight:
+        """The uniform grid: importance-weighted clip search (symmetric: plain absmax)."""
+        if recipe.symmetric:
+            return quantize_rtn(w, fmt, symmetric=True, scale_dtype=scale_dtype)
+        w_nk = np.ascontiguousarray(np.asarray(w, np.float32).T)
         scales, lo = clip_search(w_nk, fmt, importance, scale_dtype=scale_dtype)
-        base = finish_uniform(w_nk, fmt, scales, lo, False, scale_dtype)
+        return finish_uniform(w_nk, fmt, scales, lo, False, scale_dtype)
+
     if recipe.method == "mse":
-        return base
+        return grid(w_kn)
     if recipe.method == "gptq":
-        return quantize_gptq(w_kn, stats.hessian, fmt, base)
+        return quantize_gptq(w_kn, stats.hessian, fmt, grid(w_kn))
+    if recipe.method == "awq":
+        q, _ = awq_quantize(
+            w_kn, stats.channel_abs_mean, stats.hessian, grid, scale_dtype=scale_dtype
+        )
+        return q
     raise ValueError(f"unknown method {recipe.method!r}")
 
 

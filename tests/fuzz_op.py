@@ -47,7 +47,7 @@ def _valid_weight(rng) -> tuple[QuantizedWeight, dict]:
         cb = rng.standard_normal((int(rng.choice([1, N])), fmt.code_levels))
         q.codebook = cb.astype(np.float16).astype(np.float32)  # exactly what is stored
     if rng.random() < 0.2:
-        q.input_scale = rng.uniform(0.5, 2.0, K).astype(np.float32)
+        q.input_scale = rng.uniform(0.5, 2.0, K).astype(np.float16).astype(np.float32)
     return q, pack(q)
 
 

@@ -139,3 +139,23 @@ def test_calibration_feeds_through_the_python_api(tiny_llama, tmp_path):
     feeds = [llm_feeds(sess, seq=16, batch=2, seed=s) for s in range(3)]
     rep = optimize(tiny_llama, tmp_path / "q", QuantConfig(bits=4), calibration_feeds_=feeds)
     assert rep.calibration["batches"] == 3 and rep.calibration["tokens"] == 3 * 2 * 16
+
+
+def test_awq_lowers_output_error_with_salient_channels(rng):
+    from quantx_onnx.quantize.awq import awq_quantize
+
+    K, N = 192, 64
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((4096, K)).astype(np.float32)
+    x[:, :8] *= 30.0  # a few salient input channels, as AWQ assumes
+    stats = InputStats(K, "plain")
+    stats.update(x)
+    fmt = WeightFormat(K, N, 3, 64, Layout.TILE16)
+    rtn = quantize_rtn(w, fmt)
+    q, alpha = awq_quantize(
+        w, stats.channel_abs_mean, stats.hessian, lambda ws: quantize_rtn(ws, fmt)
+    )
+    assert alpha > 0 and q.input_scale is not None
+    e_rtn = output_error(w, dequantize(rtn), stats.hessian)
+    e_awq = output_error(w, dequantize(q), stats.hessian)
+    assert e_awq < 0.7 * e_rtn, (e_awq, e_rtn)

@@ -155,7 +155,7 @@ def test_codebook_and_input_scale_round_trip(rng):
     codes = rng.integers(0, 8, (24, 64)).astype(np.uint8)
     cb = np.sort(rng.standard_normal((24, 8)).astype(np.float16).astype(np.float32), axis=1)
     scales = rng.standard_normal((24, 2)).astype(np.float16).astype(np.float32)
-    s_in = rng.uniform(0.5, 2, 64).astype(np.float32)
+    s_in = rng.uniform(0.5, 2, 64).astype(np.float16).astype(np.float32)
     q = QuantizedWeight(fmt, codes, scales, codebook=cb, input_scale=s_in)
     back = unpack(pack(q), fmt)
     d = dequantize(back)

@@ -98,7 +98,7 @@ def test_codebook_and_input_scale(level, rows, rng):
         rng.integers(0, 8, (N, K)).astype(np.uint8),
         rng.standard_normal((N, 3)).astype(np.float16).astype(np.float32),
         codebook=cb,
-        input_scale=rng.uniform(0.5, 2.0, K).astype(np.float32),
+        input_scale=rng.uniform(0.5, 2.0, K).astype(np.float16).astype(np.float32),
     )
     a = rng.standard_normal((5, K)).astype(np.float32)
     _check(_run(q, a, level), reference.matmul(a, q, level), 2e-5)
@@ -144,7 +144,9 @@ def _gather_model(q: QuantizedWeight, idx_shape, dtype=1):
 @pytest.mark.parametrize("layout", [Layout.ROW, Layout.TILE16])
 def test_gather_reads_rows_of_the_transposed_weight(layout, rng):
     q, _ = random_quantized(rng, 72, 50, 3, 32, layout)  # W [K=72, N=50]: 50 table rows
-    q = dataclasses.replace(q, input_scale=rng.uniform(0.5, 2, 72).astype(np.float32))
+    q = dataclasses.replace(
+        q, input_scale=rng.uniform(0.5, 2, 72).astype(np.float16).astype(np.float32)
+    )
     ids = np.array([[0, 49, 7], [-1, 3, 3]], np.int64)
     out = quantx_session(_gather_model(q, ids.shape)).run(None, {"ids": ids})[0]
     table = dequantize(q).T  # rows = columns of W = diag(input_scale) @ W_stored
