@@ -86,12 +86,26 @@ def peak_rss(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> i
         return None
 
 
-def _rss_child(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> None:
+def peak_rss_self() -> int:
+    """This process's peak resident memory in bytes. /proc's VmHWM belongs to the current
+    address space; ru_maxrss would also count the parent's memory at fork (Linux folds the
+    pre-exec high-water mark into it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_child(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> None:
     session = DecoderSession(model, threads=threads)
     run_once(session, prompt_ids(session.vocab, prompt_tokens), new_tokens)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_rss_self())
 
 
 def run(
