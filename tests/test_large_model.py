@@ -26,8 +26,12 @@ def test_one_billion_parameter_model(tmp_path):
     data_bytes = (tmp_path / "src" / "model.onnx.data").stat().st_size
     assert parameters() > 1.0e9 and data_bytes > 2**31
     out = tmp_path / "out" / "model.onnx"
-    r = subprocess.run([sys.executable, "-c", _CHILD, "optimize", str(src), "-o", str(out)],
-                       capture_output=True, text=True, timeout=3000)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, "optimize", str(src), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.split("PEAK")[-1])
     # the float16 model is 2.3 GB; one weight (the 131 MB embedding table) and its temporaries,

@@ -193,3 +193,31 @@ def test_activation_width_mismatch_is_an_error(rng):
     sess = quantx_session(model)
     with pytest.raises(Exception, match=r"input 'A' has shape \[2, 63\], expected \[..., K=64\]"):
         sess.run(None, {"A": np.zeros((2, 63), np.float32)})
+
+
+def test_weights_fed_at_run_time_are_validated_per_run(rng):
+    q, _ = random_quantized(rng, 96, 40, 3, 32, Layout.TILE16)
+    packed = pack(q)
+    inputs = [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [2, 96])]
+    for name, arr in packed.items():
+        et = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        inputs.append(helper.make_tensor_value_info(name, et, None))
+    names = ["A"] + [n if n in packed else "" for n in TENSOR_ORDER]
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node(
+        "QxMatMul", names, ["Y"], domain=DOMAIN, name="fed", accuracy_level=0, **q.fmt.attributes()
+    )
+    g = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)]
+    )
+    model = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    )
+    sess = quantx_session(model)
+    a = rng.standard_normal((2, 96)).astype(np.float32)
+    y = sess.run(None, {"A": a, **packed})[0]
+    _check(y, reference.matmul(a, q, 0), 1e-5)
+    bad = dict(packed, B=packed["B"][:1])
+    with pytest.raises(Exception, match=r"QxMatMul node 'fed': input 'B' has shape"):
+        sess.run(None, {"A": a, **bad})

@@ -27,6 +27,29 @@ constexpr int64_t kMaxItems = 64;     // target number of tile chunks
 #endif
 constexpr int64_t kLdaPad = QX_LDA_PAD;  // elements past the stored k axis in every row
 
+constexpr int64_t kMinItemBytes = 32 << 10;  // decode work items stream at least this much
+// Activation buffers up to this size are kept per thread between calls (decode calls are
+// small and frequent; allocating them each time costs as much as the work).
+constexpr size_t kScratchKeepBytes = 1 << 20;
+
+struct Scratch {
+  std::vector<float> a_pad, a_scale, y32;
+  std::vector<int8_t> a_i8;
+  std::vector<int32_t> a_sum;
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// Room for n elements (contents unspecified: every element read is written first).
+template <typename T>
+T* Grow(std::vector<T>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 // Copies row m of A onto the stored k axis: groups padded with zeros, input scale applied.
 void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, float* out) {
   const WeightFormat& f = plan.w.fmt;
@@ -58,22 +81,24 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   const int64_t nb = static_cast<int64_t>(plan.blocks.size());
   const bool int8 = plan.path == ComputePath::kInt8;
 
-  std::vector<float> a_pad(static_cast<size_t>(M * ks));
-  std::vector<int8_t> a_i8(int8 ? static_cast<size_t>(M * ks) : 0);
-  std::vector<float> a_scale(int8 ? static_cast<size_t>(M * nb) : 0);
-  std::vector<int32_t> a_sum(int8 ? static_cast<size_t>(M * nb) : 0);
-  std::vector<float> y32(type == ElemType::kFloat16 ? static_cast<size_t>(M * f.N) : 0);
+  Scratch local;
+  Scratch& s = static_cast<size_t>(M * ks) * sizeof(float) <= kScratchKeepBytes ? ThreadScratch()
+                                                                                   : local;
+  float* a_pad = Grow(s.a_pad, M * ks);
+  int8_t* a_i8 = int8 ? Grow(s.a_i8, M * ks) : nullptr;
+  float* a_scale = int8 ? Grow(s.a_scale, M * nb) : nullptr;
+  int32_t* a_sum = int8 ? Grow(s.a_sum, M * nb) : nullptr;
+  float* y32 = type == ElemType::kFloat16 ? Grow(s.y32, M * f.N) : nullptr;
 
   // Activation preparation, by row chunks.
   const int64_t prep_chunk = std::max<int64_t>(1, (1 << 16) / ks);
   const int64_t prep_items = CeilDiv(M, prep_chunk);
   auto prep = [&](int64_t item) {
     const int64_t m0 = item * prep_chunk, m1 = std::min(M, m0 + prep_chunk);
-    for (int64_t m = m0; m < m1; ++m) PadRow(plan, a, type, m, a_pad.data() + m * ks);
+    for (int64_t m = m0; m < m1; ++m) PadRow(plan, a, type, m, a_pad + m * ks);
     if (int8)
-      plan.kernels->quantize_activations(a_pad.data() + m0 * ks, m1 - m0, ks, plan.blocks.data(),
-                                         nb, a_i8.data() + m0 * ks, a_scale.data() + m0 * nb,
-                                         a_sum.data() + m0 * nb);
+      plan.kernels->quantize_activations(a_pad + m0 * ks, m1 - m0, ks, plan.blocks.data(), nb,
+                                         a_i8 + m0 * ks, a_scale + m0 * nb, a_sum + m0 * nb);
   };
   if (prep_items == 1)
     prep(0);
@@ -86,19 +111,23 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   args.n_blocks = nb;
   args.path = plan.path;
   args.M = M;
-  args.a_f32 = a_pad.data();
+  args.a_f32 = a_pad;
   args.lda = ks;
-  args.a_i8 = int8 ? a_i8.data() : nullptr;
-  args.a_scale = int8 ? a_scale.data() : nullptr;
-  args.a_sum = int8 ? a_sum.data() : nullptr;
-  args.y = type == ElemType::kFloat16 ? y32.data() : static_cast<float*>(y);
+  args.a_i8 = a_i8;
+  args.a_scale = a_scale;
+  args.a_sum = a_sum;
+  args.y = y32 ? y32 : static_cast<float*>(y);
   args.ldy = f.N;
   args.bias = plan.bias;
 
   const int64_t T = f.n_tiles();
   const int64_t row_chunk = M <= kDecodeRows ? M : std::min(M, kRowChunk);
   const int64_t row_items = CeilDiv(M, row_chunk);
-  const int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(T * row_items, kMaxItems));
+  // Enough items to balance the threads, but each worth its dispatch: decode items stream at
+  // least kMinItemBytes of weights.
+  const int64_t tile_bytes = f.k_stored() / kKAlign * f.superblock_bytes();
+  int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(T * row_items, kMaxItems));
+  if (M <= kDecodeRows) tile_chunk = std::max(tile_chunk, CeilDiv(kMinItemBytes, tile_bytes));
   const int64_t tile_items = CeilDiv(T, tile_chunk);
   parallel_for(row_items * tile_items, [&](int64_t item) {
     const int64_t r = item / tile_items, t = item % tile_items;
@@ -107,7 +136,7 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
     plan.kernels->matmul(args, t0, t1, m0, m1);
   });
 
-  if (type == ElemType::kFloat16) {
+  if (y32) {
     uint16_t* y16 = static_cast<uint16_t*>(y);
     for (int64_t i = 0; i < M * f.N; ++i) y16[i] = FloatToHalf(y32[i]);
   }

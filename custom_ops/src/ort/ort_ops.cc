@@ -273,6 +273,11 @@ struct MatMulKernel {
   WeightInputs weights;
   size_t bias_index = 0;
   std::vector<KBlock> blocks;
+  // When every weight input and the bias are constant initializers, the whole plan is built
+  // once here (the tensors live as long as the session) and each run only checks A.
+  bool cached = false;
+  MatMulPlan plan;
+  std::vector<float> bias_values;
 
   MatMulKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
@@ -289,6 +294,31 @@ struct MatMulKernel {
     weights.Init(info, fmt, 1, node, "QxMatMul");
     bias_index = 1 + kNumWeight;
     blocks = MakeKBlocks(fmt, kActBlockMax);
+    bool bias_wired = false;
+    const Tensor bias = ConstantInput(info, bias_index, &bias_wired);
+    if (weights.all_constant && (!bias_wired || bias.present)) {
+      if (bias.present) bias_values = CheckedBias(bias);
+      plan = MakePlan(weights.constant, weights.derived, bias_values);
+      cached = true;
+    }
+  }
+
+  std::vector<float> CheckedBias(const Tensor& bias) const {
+    if (!IsFloat(bias.type) || bias.shape != std::vector<int64_t>{fmt.N})
+      Fail(node, "QxMatMul", "input 'bias' must be float [" + std::to_string(fmt.N) + "], got " +
+                                 ShapeStr(bias.shape));
+    return ToFloat(bias);
+  }
+
+  MatMulPlan MakePlan(const Tensor* w, const Derived& d, const std::vector<float>& bias) const {
+    MatMulPlan p;
+    p.w = MakeView(fmt, w, d);
+    p.path = path;
+    p.kernels = kernels;
+    p.blocks = blocks;
+    p.input_scale = d.input_scale.empty() ? nullptr : d.input_scale.data();
+    p.bias = bias.empty() ? nullptr : bias.data();
+    return p;
   }
 
   void Compute(OrtKernelContext* raw_ctx) const {
@@ -298,27 +328,19 @@ struct MatMulKernel {
     if (a.shape.empty() || a.shape.back() != fmt.K)
       Fail(node, "QxMatMul", "input 'A' has shape " + ShapeStr(a.shape) +
                                  ", expected [..., K=" + std::to_string(fmt.K) + "]");
-    Tensor w[kNumWeight];
+    MatMulPlan per_call;
     Derived local;
-    weights.Fetch(ctx, fmt, node, "QxMatMul", w, &local);
-    const Derived& d = weights.all_constant ? weights.derived : local;
-    Tensor bias;
-    if (bias_index < ctx.GetInputCount()) bias = Describe(ctx.GetInput(bias_index));
     std::vector<float> bias_f;
-    if (bias.present) {
-      if (!IsFloat(bias.type) || bias.shape != std::vector<int64_t>{fmt.N})
-        Fail(node, "QxMatMul", "input 'bias' must be float [" + std::to_string(fmt.N) + "], got " +
-                                   ShapeStr(bias.shape));
-      bias_f = ToFloat(bias);
+    if (!cached) {  // weights or bias are graph inputs: check and view them on every run
+      Tensor w[kNumWeight];
+      weights.Fetch(ctx, fmt, node, "QxMatMul", w, &local);
+      const Derived& d = weights.all_constant ? weights.derived : local;
+      Tensor bias;
+      if (bias_index < ctx.GetInputCount()) bias = Describe(ctx.GetInput(bias_index));
+      if (bias.present) bias_f = CheckedBias(bias);
+      per_call = MakePlan(w, d, bias_f);
     }
-
-    MatMulPlan plan;
-    plan.w = MakeView(fmt, w, d);
-    plan.path = path;
-    plan.kernels = kernels;
-    plan.blocks = blocks;
-    plan.input_scale = d.input_scale.empty() ? nullptr : d.input_scale.data();
-    plan.bias = bias_f.empty() ? nullptr : bias_f.data();
+    const MatMulPlan& run = cached ? plan : per_call;
 
     std::vector<int64_t> out_shape = a.shape;
     out_shape.back() = fmt.N;
@@ -328,7 +350,7 @@ struct MatMulKernel {
     if (M == 0) return;
     const ElemType et =
         a.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? ElemType::kFloat32 : ElemType::kFloat16;
-    RunMatMul(plan, a.data, et, M, y.GetTensorMutableRawData(), OrtParallelFor(raw_ctx));
+    RunMatMul(run, a.data, et, M, y.GetTensorMutableRawData(), OrtParallelFor(raw_ctx));
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) const {
