@@ -8,7 +8,7 @@ import re
 from .errors import InputError
 from .format import MAX_GROUP, SUPPORTED_BITS
 
-METHODS = ("rtn", "mse", "gptq", "awq")
+METHODS = ("rtn", "mse", "gptq", "awq", "codebook", "auto")
 
 
 @dataclasses.dataclass

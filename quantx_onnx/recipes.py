@@ -16,13 +16,15 @@ from .calibration.stats import InputStats
 from .format import Layout, QuantizedWeight, WeightFormat, dequantize, pack, packed_bytes
 from .passes import WeightKey
 from .quantize.awq import awq_quantize
+from .quantize.codebook import quantize_codebook
 from .quantize.gptq import output_error, quantize_gptq
 from .quantize.grid import check_finite
 from .quantize.mse import clip_search
 from .quantize.rtn import finish_uniform, quantize_rtn
 
-METHODS = ("rtn", "mse", "gptq", "awq")
-DATA_METHODS = ("gptq", "awq")  # need calibration statistics
+METHODS = ("rtn", "mse", "gptq", "awq", "codebook", "auto")
+DATA_METHODS = ("gptq", "awq", "auto")  # need calibration statistics
+AUTO_CANDIDATES = ("gptq", "awq", "codebook")  # what `auto` tries per matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +81,35 @@ def quantize_with(
         return grid(w_kn)
     if recipe.method == "gptq":
         return quantize_gptq(w_kn, stats.hessian, fmt, grid(w_kn))
-    if recipe.method == "awq":
+    if recipe.method == "awq":  # AWQ scaling, then GPTQ on the scaled weight
+
+        def awq_base(w: np.ndarray, t: np.ndarray) -> QuantizedWeight:
+            inv = 1.0 / t.astype(np.float64)  # W' = diag(t) W sees inputs x / t
+            return quantize_gptq(w, stats.hessian * inv[:, None] * inv[None, :], fmt, grid(w))
+
         q, _ = awq_quantize(
-            w_kn, stats.channel_abs_mean, stats.hessian, grid, scale_dtype=scale_dtype
+            w_kn, stats.channel_abs_mean, stats.hessian, awq_base, scale_dtype=scale_dtype
         )
         return q
+    if recipe.method == "codebook":
+        return quantize_codebook(w_kn, fmt, importance, per_row=True, scale_dtype=scale_dtype)
     raise ValueError(f"unknown method {recipe.method!r}")
+
+
+def quantize_auto(
+    recipe: Recipe, w_kn: np.ndarray, layout: Layout, stats: InputStats, scale_dtype=np.float16
+) -> tuple[QuantizedWeight, Recipe, float]:
+    """Every candidate algorithm at the recipe's grid; keep the lowest layer output error."""
+    best = None
+    for method in AUTO_CANDIDATES:
+        if method == "codebook" and (recipe.symmetric or recipe.scale_bits):
+            continue
+        candidate = dataclasses.replace(recipe, method=method)
+        q = quantize_with(candidate, w_kn, layout, stats, scale_dtype)
+        err = output_error(w_kn, dequantize(q), stats.hessian)
+        if best is None or err < best[2]:
+            best = (q, candidate, err)
+    return best
 
 
 def report_entry(
@@ -104,11 +129,15 @@ def report_entry(
 
 
 def single_recipe_quantizer(recipe: Recipe, layout: Layout, scale_dtype=np.float16):
-    """Quantizer applying `recipe` to every weight."""
+    """Quantizer applying `recipe` to every weight (`auto`: the best candidate per weight)."""
 
     def quantize(key: WeightKey, w_kn: np.ndarray, stats: InputStats | None):
         check_finite(w_kn, key.initializer)
-        q = quantize_with(recipe, w_kn, layout, stats, scale_dtype)
-        return q, report_entry(recipe, key, w_kn, q, stats)
+        chosen = recipe
+        if recipe.method == "auto" and stats is not None:
+            q, chosen, _ = quantize_auto(recipe, w_kn, layout, stats, scale_dtype)
+        else:
+            q = quantize_with(recipe, w_kn, layout, stats, scale_dtype)
+        return q, report_entry(chosen, key, w_kn, q, stats)
 
     return quantize

@@ -24,12 +24,13 @@ def awq_quantize(
     w_kn: np.ndarray,
     abs_mean: np.ndarray,
     H: np.ndarray,
-    quantize: Callable[[np.ndarray], QuantizedWeight],
+    quantize: Callable[[np.ndarray, np.ndarray], QuantizedWeight],
     alphas=ALPHAS,
     scale_dtype=np.float16,
 ) -> tuple[QuantizedWeight, float]:
-    """Best (weight with input_scale, alpha) over `alphas`; `quantize(W[K, N])` applies the base
-    grid (RTN, clip search, GPTQ...) to the scaled weight."""
+    """Best (weight with input_scale, alpha) over `alphas`. `quantize(W', t)` applies the base
+    grid (RTN, clip search, GPTQ...) to the scaled weight W' = diag(t) W (whose inputs are
+    x / t: a Hessian-based base method uses diag(1/t) H diag(1/t))."""
     w = np.asarray(w_kn, np.float32)
     x = np.maximum(np.asarray(abs_mean, np.float64), 1e-8)
     best, best_err, best_alpha = None, np.inf, 0.0
@@ -39,7 +40,7 @@ def awq_quantize(
         # the stored 1/t is what the kernel multiplies by: scale W by exactly its inverse
         inv = (1.0 / t).astype(scale_dtype).astype(np.float32)
         t = (1.0 / inv).astype(np.float32)
-        q = quantize(w * t[:, None])
+        q = quantize(w * t[:, None], t)
         q = dataclasses.replace(q, input_scale=inv) if alpha else q
         err = output_error(w, dequantize(q), H)
         if err < best_err:
