@@ -73,6 +73,15 @@ def _add_optimize(sub):
         metavar="REGEX",
         help="leave nodes/weights whose name matches REGEX in float (repeatable)",
     )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="REGEX=FIELD:VALUE,...",
+        help="change the recipe of weights/nodes matching REGEX, e.g. "
+        "'embed|lm_head=bits:4,group:32' (fields: bits, group, method, symmetric, "
+        "scale_bits, super_group; repeatable, applied in order)",
+    )
     p.add_argument("--scale-bits", type=int, default=0, help="hierarchical scales: sub-scale bits")
     p.add_argument("--super-group", type=int, default=8, help="groups per super-scale")
     p.add_argument(
@@ -132,6 +141,7 @@ def _run_optimize(args) -> int:
         sequential=not args.no_sequential,
         report=args.report,
         threads=args.threads,
+        overrides=tuple(args.override),
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")

@@ -34,6 +34,15 @@ class QuantConfig:
     threads: int | None = None
     seed: int = 0
     report: str | None = None  # write the per-weight report as JSON here
+    overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
+
+    def parsed_overrides(self) -> list[tuple[str, dict]]:
+        from .recipes import parse_override
+
+        try:
+            return [parse_override(o) for o in self.overrides]
+        except ValueError as e:
+            raise InputError(str(e)) from None
 
     @property
     def resolved_method(self) -> str:
@@ -66,6 +75,19 @@ class QuantConfig:
             raise InputError(f"--super-group {self.super_group}: must be >= 2")
         if self.scale_dtype not in ("float16", "float32"):
             raise InputError(f"scale dtype {self.scale_dtype!r}: float16 or float32")
+        for override in self.parsed_overrides():
+            fields = override[1]
+            probe = dataclasses.replace(
+                self,
+                overrides=(),
+                **{
+                    k: v
+                    for k, v in fields.items()
+                    if k
+                    in ("bits", "group_size", "method", "symmetric", "scale_bits", "super_group")
+                },
+            )
+            probe.validate()
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

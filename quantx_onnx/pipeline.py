@@ -157,7 +157,9 @@ def optimize(
         config.super_group,
     )
     scale_dtype = np.float16 if config.scale_dtype == "float16" else np.float32
-    quantizer = single_recipe_quantizer(recipe, Layout(target.layout), scale_dtype)
+    quantizer = single_recipe_quantizer(
+        recipe, Layout(target.layout), scale_dtype, config.parsed_overrides()
+    )
     excluded = _exclusion(config)
 
     cache: dict[WeightKey, object] = {}
@@ -192,7 +194,7 @@ def optimize(
     def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]):
         if key in cache:
             return cache[key]
-        q, entry = quantizer(key, w, None)
+        q, entry = quantizer(key, w, None, [m.name for m in matches])
         entries[key] = entry
         return q
 

@@ -128,16 +128,64 @@ def report_entry(
     return entry
 
 
-def single_recipe_quantizer(recipe: Recipe, layout: Layout, scale_dtype=np.float16):
-    """Quantizer applying `recipe` to every weight (`auto`: the best candidate per weight)."""
+OVERRIDE_FIELDS = {
+    "bits": int,
+    "group": int,
+    "method": str,
+    "symmetric": int,
+    "scale_bits": int,
+    "super_group": int,
+}
 
-    def quantize(key: WeightKey, w_kn: np.ndarray, stats: InputStats | None):
+
+def parse_override(text: str) -> tuple[str, dict]:
+    """'REGEX=bits:4,group:32' -> (REGEX, {"bits": 4, "group_size": 32})."""
+    import re
+
+    if "=" not in text:
+        raise ValueError(f"--override {text!r}: expected REGEX=field:value[,field:value]")
+    pattern, _, spec = text.rpartition("=")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--override {text!r}: invalid regular expression ({e})") from None
+    fields = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition(":")
+        if name not in OVERRIDE_FIELDS or not value:
+            raise ValueError(
+                f"--override {text!r}: unknown field {name!r} (choose {', '.join(OVERRIDE_FIELDS)})"
+            )
+        try:
+            v = OVERRIDE_FIELDS[name](value)
+        except ValueError:
+            raise ValueError(f"--override {text!r}: bad value {value!r} for {name}") from None
+        fields["group_size" if name == "group" else name] = bool(v) if name == "symmetric" else v
+    return pattern, fields
+
+
+def recipe_for(base: Recipe, overrides, names: list[str]) -> Recipe:
+    """`base` with every override whose pattern matches one of `names` applied, in order."""
+    import re
+
+    recipe = base
+    for pattern, fields in overrides:
+        if any(re.search(pattern, n) for n in names):
+            recipe = dataclasses.replace(recipe, **fields)
+    return recipe
+
+
+def single_recipe_quantizer(recipe: Recipe, layout: Layout, scale_dtype=np.float16, overrides=()):
+    """Quantizer applying `recipe` (changed per weight by `overrides`, matched against the
+    weight's and its nodes' names) to every weight; `auto` keeps the best candidate."""
+
+    def quantize(key: WeightKey, w_kn: np.ndarray, stats: InputStats | None, names: list[str] = ()):
         check_finite(w_kn, key.initializer)
-        chosen = recipe
-        if recipe.method == "auto" and stats is not None:
-            q, chosen, _ = quantize_auto(recipe, w_kn, layout, stats, scale_dtype)
+        chosen = base = recipe_for(recipe, overrides, [key.initializer, *names])
+        if base.method == "auto" and stats is not None:
+            q, chosen, _ = quantize_auto(base, w_kn, layout, stats, scale_dtype)
         else:
-            q = quantize_with(recipe, w_kn, layout, stats, scale_dtype)
+            q = quantize_with(base, w_kn, layout, stats, scale_dtype)
         return q, report_entry(chosen, key, w_kn, q, stats)
 
     return quantize

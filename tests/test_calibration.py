@@ -112,14 +112,20 @@ def test_calibrated_optimize_reports_lower_output_error(tiny_llama, tmp_path, rn
     reports, recipes = {}, {}
     for method in ("rtn", "gptq", "auto"):
         out = tmp_path / method
-        cfg = QuantConfig(bits=3, group_size=32, method=method, calib=str(tmp_path / "calib.npy"),
-                          report=str(tmp_path / f"{method}.json"))
+        cfg = QuantConfig(
+            bits=3,
+            group_size=32,
+            method=method,
+            calib=str(tmp_path / "calib.npy"),
+            report=str(tmp_path / f"{method}.json"),
+        )
         rep = optimize(tiny_llama, out, cfg)
         assert rep.calibration["tokens"] == tokens.size
         data = json.loads((tmp_path / f"{method}.json").read_text())
         assert len(data["weights"]) == len(rep.linear.weights)
-        reports[method] = {w["weight"]: w["output_error"] for w in data["weights"]
-                           if "output_error" in w}
+        reports[method] = {
+            w["weight"]: w["output_error"] for w in data["weights"] if "output_error" in w
+        }
         recipes[method] = {w["weight"]: w["recipe"] for w in data["weights"]}
     assert reports["rtn"].keys() == reports["gptq"].keys() and len(reports["rtn"]) >= 14
     better = sum(reports["gptq"][k] < reports["rtn"][k] for k in reports["rtn"])

@@ -249,3 +249,32 @@ def test_external_data_in_and_out(tmp_path, rng):
     _check_against_reference(
         tmp_path / "out" / "q.onnx", {"x": rng.standard_normal((1, 256)).astype(np.float32)}
     )
+
+
+def test_recipe_overrides_per_weight(tmp_path, rng):
+    weights = {
+        "w_a": rng.standard_normal((64, 32)).astype(np.float32),
+        "w_b": rng.standard_normal((64, 32)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_a"], ["ya"], name="attn_proj"),
+        helper.make_node("MatMul", ["x", "w_b"], ["yb"], name="mlp_proj"),
+    ]
+    m = _model(
+        nodes,
+        [_vi("x", [1, 64])],
+        [_vi("ya", [1, 32]), _vi("yb", [1, 32])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
+    report = optimize(
+        _save(m, tmp_path / "m.onnx"),
+        tmp_path / "q.onnx",
+        QuantConfig(bits=3, group_size=64, overrides=("attn=bits:4,group:32",)),
+    )
+    attrs = {w.nodes[0]: w.attributes for w in report.linear.weights}
+    assert attrs["attn_proj"]["bits"] == 4 and attrs["attn_proj"]["group_size"] == 32
+    assert attrs["mlp_proj"]["bits"] == 3 and attrs["mlp_proj"]["group_size"] == 0  # 64 >= K
+    with pytest.raises(Exception, match="unknown field 'bitz'"):
+        optimize(tmp_path / "m.onnx", tmp_path / "q2.onnx", QuantConfig(overrides=("a=bitz:4",)))
+    with pytest.raises(Exception, match="--bits 5"):
+        optimize(tmp_path / "m.onnx", tmp_path / "q2.onnx", QuantConfig(overrides=("a=bits:5",)))

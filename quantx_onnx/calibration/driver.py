@@ -103,7 +103,8 @@ def calibrate_and_quantize(
             stat = next(
                 (stats[id(a)] for m in by_key[k] if (a := _activation(m)) is not None), None
             )
-            q, entry = quantize(k, weight_array(weight, k), stat)
+            names = [m.name for m in by_key[k]]
+            q, entry = quantize(k, weight_array(weight, k), stat, names)
             weights[k], info[k] = q, entry
             if sequential:
                 overrides[weight.name] = _override(weight, k, q)
