@@ -88,7 +88,16 @@ def _add_optimize(sub):
         "--no-embeddings", action="store_true", help="keep embedding Gather tables in float"
     )
     p.add_argument(
-        "--method", default=None, help="rtn, mse, gptq (default: gptq with --calib-text, else rtn)"
+        "--embedding-bits",
+        type=int,
+        default=None,
+        help="bits of embedding tables and the lm_head, in groups of 32 (default max(--bits, "
+        "4): the most sensitive weights; 0: the same recipe as the rest)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="rtn, mse, gptq, awq, codebook or auto (default: gptq with --calib-text, else rtn)",
     )
     p.add_argument(
         "--calib-text",
@@ -133,6 +142,7 @@ def _run_optimize(args) -> int:
         scale_bits=args.scale_bits,
         super_group=args.super_group,
         embeddings=not args.no_embeddings,
+        embedding_bits=args.embedding_bits,
         fuse_attention=not args.no_fuse_attention,
         method=args.method,
         calib=args.calib_text,

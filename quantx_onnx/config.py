@@ -8,6 +8,7 @@ import re
 from .errors import InputError
 from .format import MAX_GROUP, SUPPORTED_BITS
 
+LM_HEAD = r"(^|[/.])lm_head([/.]|$)"  # node or weight names of an (untied) output projection
 METHODS = ("rtn", "mse", "gptq", "awq", "codebook", "auto")
 
 
@@ -23,6 +24,11 @@ class QuantConfig:
     scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
     super_group: int = 8
     embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
+    # Embedding tables and the lm_head (often one tied matrix) are the most sensitive weights
+    # of an LLM: by default they get max(bits, 4) bits in groups of 32. 0: the same recipe as
+    # the rest.
+    embedding_bits: int | None = None
+    embedding_group_size: int = 32
     fuse_attention: bool = True  # decoder attention -> com.microsoft GroupQueryAttention
     scale_dtype: str = "float16"
     # calibration
@@ -37,12 +43,19 @@ class QuantConfig:
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
 
     def parsed_overrides(self) -> list[tuple[str, dict]]:
+        """User overrides, after the built-in one for the lm_head (embedding tables get theirs
+        by structure, see pipeline)."""
         from .recipes import parse_override
 
+        builtin = [(LM_HEAD, self.embedding_fields())] if self.embedding_bits != 0 else []
         try:
-            return [parse_override(o) for o in self.overrides]
+            return builtin + [parse_override(o) for o in self.overrides]
         except ValueError as e:
             raise InputError(str(e)) from None
+
+    def embedding_fields(self) -> dict:
+        bits = max(self.bits, 4) if self.embedding_bits is None else self.embedding_bits
+        return {"bits": bits, "group_size": self.embedding_group_size, "scale_bits": 0}
 
     @property
     def resolved_method(self) -> str:
@@ -67,6 +80,11 @@ class QuantConfig:
             raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.calib_batch < 1:
             raise InputError("--calib-samples >= 1, --calib-seq-len >= 2 and batch >= 1 required")
+        if self.embedding_bits not in (None, 0, *SUPPORTED_BITS):
+            raise InputError(
+                f"--embedding-bits {self.embedding_bits}: choose 0 or one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
         if self.scale_bits and not 2 <= self.scale_bits <= 8:
             raise InputError(f"--scale-bits {self.scale_bits}: must be 0 or in [2, 8]")
         if self.scale_bits and self.symmetric:
@@ -75,19 +93,9 @@ class QuantConfig:
             raise InputError(f"--super-group {self.super_group}: must be >= 2")
         if self.scale_dtype not in ("float16", "float32"):
             raise InputError(f"scale dtype {self.scale_dtype!r}: float16 or float32")
-        for override in self.parsed_overrides():
-            fields = override[1]
-            probe = dataclasses.replace(
-                self,
-                overrides=(),
-                **{
-                    k: v
-                    for k, v in fields.items()
-                    if k
-                    in ("bits", "group_size", "method", "symmetric", "scale_bits", "super_group")
-                },
-            )
-            probe.validate()
+        # every override must itself make a valid recipe (the built-in ones are fixed)
+        for _, fields in self.parsed_overrides()[1 if self.embedding_bits != 0 else 0 :]:
+            dataclasses.replace(self, overrides=(), embedding_bits=0, **fields).validate()
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

@@ -20,8 +20,16 @@ WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SOURCES = ("gensim:wiki-calib", "gensim:wiki-eval", "gensim:lee")
 
 
+def _quiet_gensim() -> None:
+    """gensim logs at INFO while its test helpers import; keep that off the console."""
+    import logging
+
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+
+
 @functools.lru_cache(maxsize=1)
 def _wiki_halves() -> tuple[str, str]:
+    _quiet_gensim()
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
         from gensim.test.utils import datapath
@@ -41,6 +49,7 @@ def load_text(spec: str) -> str:
     if spec == "gensim:wiki-eval":
         return _wiki_halves()[1]
     if spec == "gensim:lee":
+        _quiet_gensim()
         try:
             from gensim.test.utils import datapath
         except ImportError:

@@ -66,6 +66,11 @@ def _quiet(quiet: bool):
         yield
         return
     level = logging.root.manager.disable
+    # the library loggers keep handlers bound to the real stderr: silence them at the source
+    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch", "gguf")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     logging.disable(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -73,6 +78,8 @@ def _quiet(quiet: bool):
             yield
     finally:
         logging.disable(level)
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 def export(src: str | Path, out: str | Path, *, quiet: bool = True) -> Path:

@@ -22,7 +22,7 @@ from .format import Layout
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
-from .recipes import Recipe, single_recipe_quantizer
+from .recipes import Recipe, single_recipe_quantizer, with_recipe_for
 from .targets import resolve_target
 
 
@@ -161,13 +161,16 @@ def optimize(
         recipe, Layout(target.layout), scale_dtype, config.parsed_overrides()
     )
     excluded = _exclusion(config)
+    accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
+    if config.embedding_bits != 0:  # tables read by a Gather (with their tied lm_head)
+        tables = {m.key for _, m in accepted if m.rule == "gather"}
+        quantizer = with_recipe_for(tables, config.embedding_fields(), quantizer)
 
     cache: dict[WeightKey, object] = {}
     entries: dict[WeightKey, dict] = {}
     calibration = None
     if config.calib:
         feeds = calibration_feeds(ir_model, folder, config, calibration_feeds_)
-        accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
         from .calibration.driver import calibrate_and_quantize
 
         try:

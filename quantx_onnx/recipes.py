@@ -175,13 +175,32 @@ def recipe_for(base: Recipe, overrides, names: list[str]) -> Recipe:
     return recipe
 
 
+def with_recipe_for(keys: set, fields: dict, quantizer):
+    """`quantizer` with `fields` forced for the weights in `keys` (matched by structure, e.g.
+    embedding tables, rather than by name)."""
+
+    def quantize(key: WeightKey, w_kn, stats, names=()):
+        return quantizer(key, w_kn, stats, names, forced=fields if key in keys else None)
+
+    return quantize
+
+
 def single_recipe_quantizer(recipe: Recipe, layout: Layout, scale_dtype=np.float16, overrides=()):
     """Quantizer applying `recipe` (changed per weight by `overrides`, matched against the
     weight's and its nodes' names) to every weight; `auto` keeps the best candidate."""
 
-    def quantize(key: WeightKey, w_kn: np.ndarray, stats: InputStats | None, names: list[str] = ()):
+    def quantize(
+        key: WeightKey,
+        w_kn: np.ndarray,
+        stats: InputStats | None,
+        names: list[str] = (),
+        forced: dict | None = None,
+    ):
         check_finite(w_kn, key.initializer)
-        chosen = base = recipe_for(recipe, overrides, [key.initializer, *names])
+        base = recipe_for(recipe, overrides, [key.initializer, *names])
+        if forced:
+            base = dataclasses.replace(base, **forced)
+        chosen = base
         if base.method == "auto" and stats is not None:
             q, chosen, _ = quantize_auto(base, w_kn, layout, stats, scale_dtype)
         else:

@@ -23,7 +23,7 @@ def _optimize(src, out, **kw):
 @pytest.fixture(scope="module")
 def q3_float(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("q3")
-    report = _optimize(tiny_llama, out, bits=3, group_size=32, accuracy_level=0)
+    report = _optimize(tiny_llama, out, bits=3, group_size=32, accuracy_level=0, embedding_bits=0)
     return out, report
 
 
@@ -77,7 +77,7 @@ def test_quantized_model_equals_its_dequantized_reference(q3_float):
 
 def test_int8_activation_path_stays_close(tiny_llama, tmp_path, q3_float):
     out_f, _ = q3_float
-    _optimize(tiny_llama, tmp_path, bits=3, group_size=32, accuracy_level=4)
+    _optimize(tiny_llama, tmp_path, bits=3, group_size=32, accuracy_level=4, embedding_bits=0)
     feeds = llm_feeds(quantx_session(tmp_path / "model.onnx"), seq=9)
     got = quantx_session(tmp_path / "model.onnx").run(["logits"], feeds)[0]
     want = quantx_session(out_f / "model.onnx").run(["logits"], feeds)[0]

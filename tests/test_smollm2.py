@@ -42,7 +42,7 @@ def test_smollm2_3bit_rewrites_every_projection_and_generates(smollm2, tmp_path)
     assert [n.op_type for n in qx].count("QxGather") == 1
     assert not report.linear.skipped and len(report.attention.fused) == 30
     assert report.bytes_after < 70e6 < 500e6 < report.bytes_before
-    assert 3.2 < report.bits_per_weight < 3.4
+    assert 3.5 < report.bits_per_weight < 3.65  # 3-bit g64, the tied embedding at 4-bit g32
     print(
         f"SmolLM2 3-bit: {report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB "
         f"in {report.seconds:.1f} s"
