@@ -436,9 +436,9 @@ def _add_demo(sub):
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--prompt", default=None)
     p.add_argument(
-        "--calibrate",
+        "--data-free",
         action="store_true",
-        help="quantize with GPTQ on Wikipedia text instead of the data-free default",
+        help="quantize with data-free round-to-nearest instead of GPTQ on Wikipedia text",
     )
     p.set_defaults(run=_run_demo)
 
@@ -453,7 +453,7 @@ def _run_demo(args) -> int:
         threads=args.threads,
         ppl_tokens=args.ppl_tokens,
         prompt=args.prompt or demo.DEFAULT_PROMPT,
-        calib=args.calibrate,
+        calib=not args.data_free,
     )
     return 0
 

@@ -47,7 +47,7 @@ def _step(label: str, out):
     return time.perf_counter()
 
 
-def build_models(cache: Path, out=print, calib: bool = False) -> dict[str, Path]:
+def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
     """fp32 export, QuantX 3-bit and ORT 4-bit models, built once and cached."""
     from .baselines import ort_matmulnbits
     from .config import QuantConfig
