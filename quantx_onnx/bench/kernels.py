@@ -167,6 +167,7 @@ def build(cfg: Config, K: int, N: int, M: int, threads: int, working_set: int, r
             helper.make_opsetid(DOMAIN, 1),
         ],
     )
+    model.ir_version = 8  # what every ONNX Runtime since 1.14 reads (a newer onnx writes more)
     so = bench_options(threads)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
