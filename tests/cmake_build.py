@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,9 +62,10 @@ def build(name: str, *options: str, targets=("all",), timeout=1800) -> Path:
 
 
 def passed_failed(output: str) -> tuple[int, int]:
-    """The kernel tests' final 'N passed, M failed' line."""
+    """The last 'N passed, M failed' summary in the output (a line may carry a prefix, as
+    run_neon_tests.sh's '-cpu max: N passed, M failed')."""
     for line in reversed(output.strip().splitlines()):
-        parts = line.split()
-        if len(parts) == 4 and parts[1] == "passed," and parts[3] == "failed":
-            return int(parts[0]), int(parts[2])
+        found = re.search(r"(\d+) passed, (\d+) failed$", line.strip())
+        if found:
+            return int(found.group(1)), int(found.group(2))
     raise AssertionError(f"no 'N passed, M failed' line in:\n{output[-2000:]}")

@@ -434,6 +434,10 @@ bool CheckStreamRead(const KernelTable* kt, std::mt19937& rng, std::string* why)
   for (auto& b : buf) b = static_cast<uint8_t>(rng());
   for (int64_t bytes : {int64_t{64}, int64_t{64 * 5}, int64_t{64 * 37}}) {
     const uint64_t base = kt->stream_read(buf.data(), bytes);
+    if (base != quantx::StreamReadPortable(buf.data(), bytes)) {
+      *why = "stream_read checksum differs from StreamReadPortable's";
+      return false;
+    }
     buf[static_cast<size_t>(bytes)] ^= 0x5a;  // just past the range
     const bool same = kt->stream_read(buf.data(), bytes) == base;
     buf[static_cast<size_t>(bytes)] ^= 0x5a;

@@ -544,8 +544,13 @@ uint64_t StreamReadAvx512(const uint8_t* p, int64_t bytes) {
     a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(p + i + 192));
   }
   for (; i + 64 <= bytes; i += 64) a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
-  return static_cast<uint64_t>(_mm512_reduce_add_epi64(
-      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
+  // Fold the lanes as unsigned (the checksum equals StreamReadPortable's). Not with
+  // _mm512_reduce_add_epi64: it adds as signed long long, which overflows on arbitrary data.
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t checksum = 0;
+  for (uint64_t lane : lanes) checksum ^= lane;
+  return checksum;
 }
 
 const KernelTable kAvx512 = {"avx512", MatMulAvx512, QuantizeActivationsAvx512, Avx512Native,
