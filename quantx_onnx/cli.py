@@ -97,7 +97,7 @@ def _add_optimize(sub):
     p.add_argument(
         "--method",
         default=None,
-        help="rtn, mse, gptq, awq, codebook or auto (default: gptq with --calib-text, else rtn)",
+        help="rtn, mse, gptq, awq, codebook or auto (default: auto with --calib-text, else rtn)",
     )
     p.add_argument(
         "--calib-text",
@@ -111,6 +111,12 @@ def _add_optimize(sub):
         "--no-sequential",
         action="store_true",
         help="calibrate every layer on float inputs (faster, less accurate)",
+    )
+    p.add_argument(
+        "--hessian",
+        default="norm",
+        help="token weighting of the calibration Hessian: norm (every token alike, default) "
+        "or plain (sum of x x^T, as in the GPTQ paper)",
     )
     p.add_argument(
         "--report",
@@ -149,6 +155,7 @@ def _run_optimize(args) -> int:
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
         sequential=not args.no_sequential,
+        hessian=args.hessian,
         report=args.report,
         threads=args.threads,
         overrides=tuple(args.override),
@@ -208,6 +215,19 @@ def _optimize_summary(report, config) -> str:
             f"({'sequential' if c['sequential'] else 'one pass'}, {c['seconds']:.1f} s)"
         )
         errs = [w["output_error"] for w in report.weights if "output_error" in w]
+        lines.append("  per weight: recipe, bits/weight, relative output error")
+        width = max(len(w["weight"]) for w in report.weights)
+        for w in report.weights:
+            err = f"{w['output_error']:.4f}" if "output_error" in w else "-"
+            lines.append(
+                f"    {w['weight']:<{width}}  {w['recipe']:<28} {w['bits_per_weight']:6.3f}  {err}"
+            )
+        chosen: dict[str, int] = {}
+        for w in report.weights:
+            chosen[w["recipe"]] = chosen.get(w["recipe"], 0) + 1
+        lines.append(
+            "  recipes chosen: " + ", ".join(f"{c} x {r}" for r, c in sorted(chosen.items()))
+        )
         if errs:
             lines.append(
                 f"  layer output error: median {np.median(errs):.4f}, "

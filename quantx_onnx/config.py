@@ -20,7 +20,7 @@ class QuantConfig:
     target: str = "auto"
     accuracy_level: int | None = None  # None: the target's default
     exclude: tuple[str, ...] = ()  # regexes on node or weight names
-    method: str | None = None  # None: gptq with calibration data, else rtn
+    method: str | None = None  # None: auto with calibration data, else rtn
     scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
     super_group: int = 8
     embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
@@ -37,6 +37,7 @@ class QuantConfig:
     calib_seq_len: int = 512
     calib_batch: int = 4
     sequential: bool = True  # later layers calibrate on the quantized earlier ones
+    hessian: str = "norm"  # token weighting of the Hessian: norm (1/mean x^2) or plain
     threads: int | None = None
     seed: int = 0
     report: str | None = None  # write the per-weight report as JSON here
@@ -61,7 +62,7 @@ class QuantConfig:
     def resolved_method(self) -> str:
         if self.method:
             return self.method
-        return "gptq" if self.calib else "rtn"
+        return "auto" if self.calib else "rtn"
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -80,6 +81,8 @@ class QuantConfig:
             raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.calib_batch < 1:
             raise InputError("--calib-samples >= 1, --calib-seq-len >= 2 and batch >= 1 required")
+        if self.hessian not in ("norm", "plain"):
+            raise InputError(f"--hessian {self.hessian!r}: choose norm or plain")
         if self.embedding_bits not in (None, 0, *SUPPORTED_BITS):
             raise InputError(
                 f"--embedding-bits {self.embedding_bits}: choose 0 or one of "

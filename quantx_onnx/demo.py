@@ -47,22 +47,30 @@ def _step(label: str, out):
     return time.perf_counter()
 
 
-def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
-    """fp32 export, QuantX 3-bit and ORT 4-bit models, built once and cached."""
-    from .baselines import ort_matmulnbits
-    from .config import QuantConfig
+def smollm2_fp32(cache: Path, out=print) -> Path:
+    """The optimum export of the packaged SmolLM2 (built once, cached)."""
     from .export import export
-    from .pipeline import optimize
 
     cache.mkdir(parents=True, exist_ok=True)
-    fp32, ort4 = cache / "smollm2-fp32", cache / "smollm2-ort4-b32"
-    q3 = cache / ("smollm2-quantx3-gptq" if calib else "smollm2-quantx3")
+    fp32 = cache / "smollm2-fp32"
     if not (fp32 / "model.onnx").is_file():
         t = _step(
             f"exporting {smollm2_gguf().name} to ONNX (optimum, text-generation-with-past)", out
         )
         export(smollm2_gguf(), fp32)
         out(f"[demo]   done in {time.perf_counter() - t:.0f} s")
+    return fp32
+
+
+def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
+    """fp32 export, QuantX 3-bit and ORT 4-bit models, built once and cached."""
+    from .baselines import ort_matmulnbits
+    from .config import QuantConfig
+    from .pipeline import optimize
+
+    fp32 = smollm2_fp32(cache, out)
+    ort4 = cache / "smollm2-ort4-b32"
+    q3 = cache / ("smollm2-quantx3-gptq" if calib else "smollm2-quantx3")
     if not (q3 / "model.onnx").is_file():
         t = _step("quantizing to QuantX 3-bit" + (" with GPTQ on Wikipedia" if calib else ""), out)
         cfg = QuantConfig(calib="gensim:wiki-calib" if calib else None)

@@ -180,6 +180,7 @@ def optimize(
                 feeds,
                 quantizer,
                 sequential=config.sequential,
+                hessian_mode=config.hessian,
                 threads=config.threads,
                 progress=progress,
             )

@@ -61,51 +61,63 @@ def quantize_with(
     layout: Layout,
     stats: InputStats | None,
     scale_dtype=np.float16,
+    per_row: bool = True,
 ) -> QuantizedWeight:
-    """One matrix W[K, N] with one recipe."""
+    """One matrix W[K, N] with one recipe (`per_row`: a codebook per output column, else one
+    per tensor)."""
     K, N = w_kn.shape
     fmt = recipe.format(K, N, layout)
     if recipe.method == "rtn" or (recipe.method in DATA_METHODS and stats is None):
         return quantize_rtn(w_kn, fmt, symmetric=recipe.symmetric, scale_dtype=scale_dtype)
     importance = np.diag(stats.hessian) if stats is not None else None
 
-    def grid(w: np.ndarray) -> QuantizedWeight:
+    def grid(w: np.ndarray, imp: np.ndarray | None = importance) -> QuantizedWeight:
         """The uniform grid: importance-weighted clip search (symmetric: plain absmax)."""
         if recipe.symmetric:
             return quantize_rtn(w, fmt, symmetric=True, scale_dtype=scale_dtype)
         w_nk = np.ascontiguousarray(np.asarray(w, np.float32).T)
-        scales, lo = clip_search(w_nk, fmt, importance, scale_dtype=scale_dtype)
+        scales, lo = clip_search(w_nk, fmt, imp, scale_dtype=scale_dtype)
         return finish_uniform(w_nk, fmt, scales, lo, False, scale_dtype)
 
     if recipe.method == "mse":
         return grid(w_kn)
     if recipe.method == "gptq":
         return quantize_gptq(w_kn, stats.hessian, fmt, grid(w_kn))
-    if recipe.method == "awq":  # AWQ scaling, then GPTQ on the scaled weight
-
-        def awq_base(w: np.ndarray, t: np.ndarray) -> QuantizedWeight:
-            inv = 1.0 / t.astype(np.float64)  # W' = diag(t) W sees inputs x / t
-            return quantize_gptq(w, stats.hessian * inv[:, None] * inv[None, :], fmt, grid(w))
-
+    if recipe.method == "awq":
+        # AWQ scaling searched on the (cheap) clip-searched grid, then GPTQ once on the weight
+        # scaled by the chosen t: W' = diag(t) W sees inputs x / t, so its Hessian is
+        # diag(1/t) H diag(1/t).
         q, _ = awq_quantize(
-            w_kn, stats.channel_abs_mean, stats.hessian, awq_base, scale_dtype=scale_dtype
+            w_kn,
+            stats.channel_abs_mean,
+            stats.hessian,
+            lambda w, t: grid(w, importance / np.square(t)),
+            scale_dtype=scale_dtype,
         )
-        return q
+        if q.input_scale is None:
+            return quantize_gptq(w_kn, stats.hessian, fmt, grid(w_kn))
+        inv = q.input_scale.astype(np.float64)
+        w_scaled = np.asarray(w_kn, np.float32) / q.input_scale[:, None]
+        h_scaled = stats.hessian * inv[:, None] * inv[None, :]
+        q_gptq = quantize_gptq(w_scaled, h_scaled, fmt, grid(w_scaled, np.diag(h_scaled)))
+        return dataclasses.replace(q_gptq, input_scale=q.input_scale)
     if recipe.method == "codebook":
-        return quantize_codebook(w_kn, fmt, importance, per_row=True, scale_dtype=scale_dtype)
+        return quantize_codebook(w_kn, fmt, importance, per_row=per_row, scale_dtype=scale_dtype)
     raise ValueError(f"unknown method {recipe.method!r}")
 
 
 def quantize_auto(
     recipe: Recipe, w_kn: np.ndarray, layout: Layout, stats: InputStats, scale_dtype=np.float16
 ) -> tuple[QuantizedWeight, Recipe, float]:
-    """Every candidate algorithm at the recipe's grid; keep the lowest layer output error."""
+    """Every candidate algorithm at the recipe's grid; keep the lowest layer output error.
+    The codebook candidate is one per tensor: a codebook per output column costs
+    16 * 2^bits / K more bits per weight, which would break the bits budget of small K."""
     best = None
     for method in AUTO_CANDIDATES:
         if method == "codebook" and (recipe.symmetric or recipe.scale_bits):
             continue
         candidate = dataclasses.replace(recipe, method=method)
-        q = quantize_with(candidate, w_kn, layout, stats, scale_dtype)
+        q = quantize_with(candidate, w_kn, layout, stats, scale_dtype, per_row=False)
         err = output_error(w_kn, dequantize(q), stats.hessian)
         if best is None or err < best[2]:
             best = (q, candidate, err)

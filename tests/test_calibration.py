@@ -179,3 +179,22 @@ def test_codebook_grid_lowers_error_on_gaussian_weights(rng, per_row):
     assert np.array_equal(dequantize(back), dequantize(cb))
     err = lambda q: float(np.square(dequantize(q) - w).mean())  # noqa: E731
     assert err(cb) < 0.85 * err(rtn), (err(cb), err(rtn))
+
+
+def test_awq_recipe_beats_gptq_on_salient_channels(rng):
+    """The awq method (scale search, then GPTQ on the scaled weight) against plain GPTQ."""
+    from quantx_onnx.recipes import Recipe, quantize_with
+
+    K, N = 192, 64
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((4096, K)).astype(np.float32)
+    x[:, :8] *= 30.0
+    stats = InputStats(K, "plain")
+    stats.update(x)
+    errs = {}
+    for method in ("gptq", "awq"):
+        q = quantize_with(Recipe(3, 64, method), w, Layout.TILE16, stats)
+        errs[method] = output_error(w, dequantize(q), stats.hessian)
+        if method == "awq":
+            assert q.input_scale is not None
+    assert errs["awq"] < errs["gptq"], errs

