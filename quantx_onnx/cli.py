@@ -278,6 +278,15 @@ def _add_bench(sub):
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(run=_run_bench_decode)
+    f = bsub.add_parser(
+        "profile", help="ORT profile of decode steps: time per op type, QuantX share"
+    )
+    f.add_argument("model", help="export folder (decoder with KV cache)")
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--prompt-tokens", type=int, default=128)
+    f.add_argument("--steps", type=int, default=32, help="decode steps profiled")
+    f.add_argument("--json", help="also write the profile to this JSON file")
+    f.set_defaults(run=_run_bench_profile)
 
 
 def _parse_list(text, item):
@@ -445,6 +454,24 @@ def _run_bench_decode(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(decode.to_json(results))
+    return 0
+
+
+def _run_bench_profile(args) -> int:
+    import dataclasses
+    import json
+
+    from .bench import profile
+
+    if args.steps < 1 or args.prompt_tokens < 1:
+        from .errors import InputError
+
+        raise InputError("--steps >= 1 and --prompt-tokens >= 1 are required")
+    result = profile.profile_decode(args.model, args.threads, args.prompt_tokens, args.steps)
+    print("\n".join(profile.format_profile(result)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=1)
     return 0
 
 

@@ -143,3 +143,19 @@ def test_optimize_without_attention_fusion_keeps_the_export(tiny_llama, tmp_path
     assert not report.attention.fused
     ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
     assert "GroupQueryAttention" not in ops and ops.count("QxMatMul") == 15
+
+
+def test_decode_profile_counts_every_node_of_each_step(q3_float):
+    """bench profile: per decode step every QuantX node runs once (14 projections + the tied
+    lm_head), and the op-type shares add up to the whole kernel time."""
+    from quantx_onnx.bench.profile import profile_decode
+
+    folder = q3_float[0]
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    in_graph = sum(node.op_type == "QxMatMul" for node in model.graph.node)
+    p = profile_decode(folder, threads=1, prompt_tokens=5, steps=3)
+    ops = {o.op_type: o for o in p.ops}
+    assert ops["QxMatMul"].nodes_per_step == in_graph == 15
+    assert sum(o.share for o in p.ops) == pytest.approx(1.0)
+    assert 0 < p.quantx_share < 1
+    assert p.run_us_per_step >= p.kernel_us_per_step * 0.5
