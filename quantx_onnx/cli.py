@@ -485,7 +485,7 @@ def _add_demo(sub):
     p.add_argument(
         "--data-free",
         action="store_true",
-        help="quantize with data-free round-to-nearest instead of GPTQ on Wikipedia text",
+        help="quantize with data-free round-to-nearest instead of calibrating on Wikipedia text",
     )
     p.set_defaults(run=_run_demo)
 

@@ -70,10 +70,16 @@ def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
 
     fp32 = smollm2_fp32(cache, out)
     ort4 = cache / "smollm2-ort4-b32"
-    q3 = cache / ("smollm2-quantx3-gptq" if calib else "smollm2-quantx3")
+    q3 = cache / ("smollm2-quantx3-calib" if calib else "smollm2-quantx3")
     if not (q3 / "model.onnx").is_file():
-        t = _step("quantizing to QuantX 3-bit" + (" with GPTQ on Wikipedia" if calib else ""), out)
-        cfg = QuantConfig(calib="gensim:wiki-calib" if calib else None)
+        label = " calibrated on Wikipedia (auto recipe per matrix)" if calib else ""
+        t = _step("quantizing to QuantX 3-bit" + label, out)
+        # calibrated: the best recipe of docs/ACCURACY.md (groups of 32, hierarchical scales)
+        cfg = (
+            QuantConfig(calib="gensim:wiki-calib", group_size=32, scale_bits=4, super_group=8)
+            if calib
+            else QuantConfig()
+        )
         report = optimize(fp32, q3, cfg)
         out(
             f"[demo]   {len(report.linear.rewritten)} nodes rewritten, "

@@ -124,16 +124,16 @@ def optimize(
     config: QuantConfig | None = None,
     *,
     progress=None,
-    calibration_feeds_: Iterable[dict] | None = None,
+    calib_feeds: Iterable[dict] | None = None,
 ) -> OptimizeReport:
     """Quantize every MatMul/Gemm (and embedding Gather) with a constant weight in ``model``
     (a .onnx file or an optimum export folder) and write the result to ``output`` (a .onnx
-    path, or a folder for a folder input). With ``config.calib`` (or ``calibration_feeds_``,
+    path, or a folder for a folder input). With ``config.calib`` (or ``calib_feeds``,
     an iterable of ORT feed dicts) the float model is run over real inputs first and the
     recipe uses what it sees."""
     start = time.perf_counter()
     config = config or QuantConfig()
-    if calibration_feeds_ is not None and not config.calib:
+    if calib_feeds is not None and not config.calib:
         config = dataclasses.replace(config, calib="<feeds>")
     config.validate()
     target = resolve_target(config.target)
@@ -170,7 +170,7 @@ def optimize(
     entries: dict[WeightKey, dict] = {}
     calibration = None
     if config.calib:
-        feeds = calibration_feeds(ir_model, folder, config, calibration_feeds_)
+        feeds = calibration_feeds(ir_model, folder, config, calib_feeds)
         from .calibration.driver import calibrate_and_quantize
 
         try:

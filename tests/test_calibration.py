@@ -140,7 +140,7 @@ def test_calibrated_optimize_reports_lower_output_error(tiny_llama, tmp_path, rn
 def test_calibration_feeds_through_the_python_api(tiny_llama, tmp_path):
     sess = ort.InferenceSession(str(tiny_llama / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = [llm_feeds(sess, seq=16, batch=2, seed=s) for s in range(3)]
-    rep = optimize(tiny_llama, tmp_path / "q", QuantConfig(bits=4), calibration_feeds_=feeds)
+    rep = optimize(tiny_llama, tmp_path / "q", QuantConfig(bits=4), calib_feeds=feeds)
     assert rep.calibration["batches"] == 3 and rep.calibration["tokens"] == 3 * 2 * 16
 
 
