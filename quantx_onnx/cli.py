@@ -7,6 +7,7 @@ code (README, "Exit codes"); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import signal
 import sys
@@ -222,9 +223,7 @@ def _optimize_summary(report, config) -> str:
             lines.append(
                 f"    {w['weight']:<{width}}  {w['recipe']:<28} {w['bits_per_weight']:6.3f}  {err}"
             )
-        chosen: dict[str, int] = {}
-        for w in report.weights:
-            chosen[w["recipe"]] = chosen.get(w["recipe"], 0) + 1
+        chosen = collections.Counter(w["recipe"] for w in report.weights)
         lines.append(
             "  recipes chosen: " + ", ".join(f"{c} x {r}" for r, c in sorted(chosen.items()))
         )

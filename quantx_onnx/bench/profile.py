@@ -19,7 +19,7 @@ import numpy as np
 
 from ..llm import DecoderSession
 from ..runtime import session_options
-from .decode import prompt_ids
+from .decode import prompt_ids, run_once
 
 QUANTX_OPS = ("QxMatMul", "QxGather")  # the com.quantx op types
 
@@ -92,13 +92,7 @@ def profile_decode(
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
         session = DecoderSession(model, options=so)
-        ids = prompt_ids(session.vocab, prompt_tokens)
-        logits, cache = session.step(ids, session.empty_cache(), 0)
-        pos = ids.shape[1]
-        for _ in range(steps):
-            token = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
-            logits, cache = session.step(token, cache, pos)
-            pos += 1
+        run_once(session, prompt_ids(session.vocab, prompt_tokens), steps + 1)
         with open(session.session.end_profiling()) as f:
             events = json.load(f)
     return summarize(str(model), events, steps)
