@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .subgraph import (
+    backward_slice,
     constant_value,
     consumers,
     evaluate,
@@ -278,16 +279,18 @@ def _shared_inputs(graph: ir.Graph, m: AttentionMatch, opset: int, max_pos: int)
     ):
         raise ValueError("rotary cos/sin halves differ (not rotate-half)")
     dtype = m.present_key.dtype.numpy() if m.present_key.dtype else np.float32
-    cos_cache = ir.Value(
-        name="quantx.rotary.cos_cache",
-        const_value=ir.tensor(np.ascontiguousarray(cos2[:, :half], dtype)),
+    want = (
+        np.ascontiguousarray(cos2[:, :half], dtype),
+        np.ascontiguousarray(sin2[:, :half], dtype),
     )
-    sin_cache = ir.Value(
-        name="quantx.rotary.sin_cache",
-        const_value=ir.tensor(np.ascontiguousarray(sin2[:, :half], dtype)),
-    )
-    graph.register_initializer(cos_cache)
-    graph.register_initializer(sin_cache)
+    computed = _computed_caches(graph, m, position_ids, max_pos, half, dtype, opset, want)
+    if computed is not None:
+        cos_cache, sin_cache = computed
+    else:  # the slice could not be replayed exactly: store the tables
+        cos_cache = ir.Value(name="quantx.rotary.cos_cache", const_value=ir.tensor(want[0]))
+        sin_cache = ir.Value(name="quantx.rotary.sin_cache", const_value=ir.tensor(want[1]))
+        graph.register_initializer(cos_cache)
+        graph.register_initializer(sin_cache)
 
     def const(name, array):
         v = ir.Value(name=name, const_value=ir.tensor(array))
@@ -325,6 +328,80 @@ def _shared_inputs(graph: ir.Graph, m: AttentionMatch, opset: int, max_pos: int)
     first = next(iter(graph))
     graph.insert_before(first, nodes)
     return SharedInputs(seqlens_k, total, cos_cache, sin_cache, position_ids)
+
+
+def _computed_caches(graph, m, position_ids, max_pos, half, dtype, opset, want):
+    """GQA's rotary caches [max_pos, head_dim / 2] as nodes: the export's own rotary slice
+    replayed on positions Range(0, max_pos), which ONNX Runtime constant-folds when the session
+    is created. The file then stores a few hundred bytes instead of two float tables (2 MB for
+    SmolLM2's 8192 positions, 3% of its 3-bit file). None unless the replay reproduces the
+    evaluated tables exactly."""
+    slice_nodes = backward_slice([m.cos, m.sin])
+    if any(n.domain not in ("", "ai.onnx") for n in slice_nodes):
+        return None
+
+    def const(name, array):
+        v = ir.Value(name=name, const_value=ir.tensor(np.asarray(array)))
+        graph.register_initializer(v)
+        return v
+
+    prefix = "quantx/rotary/"
+    nodes = [
+        ir.node(
+            "Range",
+            [
+                const("quantx.rotary.start", np.array(0, np.int64)),
+                const("quantx.rotary.limit", np.array(max_pos, np.int64)),
+                const("quantx.rotary.delta", np.array(1, np.int64)),
+            ],
+            name=prefix + "positions",
+        )
+    ]
+    axis0 = const("quantx.rotary.axis0", np.array([0], np.int64))
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axis0], name=prefix + "batch"))
+    mapping = {id(position_ids): nodes[-1].outputs[0]}
+    for n in slice_nodes:
+        clone = ir.Node(
+            n.domain,
+            n.op_type,
+            [mapping.get(id(v), v) if v is not None else None for v in n.inputs],
+            attributes=[ir.Attr(a.name, a.type, a.value) for a in n.attributes.values()],
+            num_outputs=len(n.outputs),
+            name=prefix + (n.name or n.op_type),
+        )
+        for old, new in zip(n.outputs, clone.outputs):
+            mapping[id(old)] = new
+        nodes.append(clone)
+    shape = const("quantx.rotary.shape", np.array([max_pos, -1], np.int64))
+    starts = const("quantx.rotary.starts", np.array([0], np.int64))
+    ends = const("quantx.rotary.ends", np.array([half], np.int64))
+    axis1 = const("quantx.rotary.axis1", np.array([1], np.int64))
+    caches = []
+    for which, source in (("cos", m.cos), ("sin", m.sin)):
+        flat = ir.node("Reshape", [mapping[id(source)], shape], name=f"{prefix}{which}_flat")
+        cut = ir.node("Slice", [flat.outputs[0], starts, ends, axis1], name=f"{prefix}{which}")
+        cast = ir.node(
+            "Cast",
+            [cut.outputs[0]],
+            attributes={"to": ir.DataType.from_numpy(np.dtype(dtype))},
+            name=f"{prefix}{which}_cache",
+        )
+        cast.outputs[0].name = f"quantx.rotary.{which}_cache"
+        nodes += [flat, cut, cast]
+        caches.append(cast.outputs[0])
+    for n in nodes:
+        for i, v in enumerate(n.outputs):
+            v.name = v.name or f"{n.name}_output_{i}"
+    try:
+        got = evaluate(caches, {}, opset)
+    except Exception:  # noqa: BLE001 - any failure means: store the tables instead
+        got = None
+    if got is None or not all(np.array_equal(g, w) for g, w in zip(got, want)):
+        for name in ("start", "limit", "delta", "axis0", "shape", "starts", "ends", "axis1"):
+            graph.initializers.pop(f"quantx.rotary.{name}", None)
+        return None
+    graph.insert_before(next(iter(graph)), nodes)
+    return caches[0], caches[1]
 
 
 def replace(graph: ir.Graph, m: AttentionMatch, shared: SharedInputs) -> ir.Node:

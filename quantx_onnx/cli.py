@@ -29,14 +29,15 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-def _progress(desc: str):
+def _progress(default_desc: str):
+    """A progress-bar wrapper ``wrap(items, desc=...)`` (tqdm on a terminal, silent else)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
 
-    def wrap(items):
-        return tqdm(items, desc=desc, unit=desc.rstrip("s"), disable=None, leave=False)
+    def wrap(items, desc: str = default_desc):
+        return tqdm(items, desc=desc, disable=None, leave=False)
 
     return wrap
 
@@ -53,7 +54,11 @@ def _add_optimize(sub):
     p.add_argument("-o", "--output", required=True, help="output .onnx file or folder")
     p.add_argument("--bits", type=int, default=3, help="bits per weight code: 2, 3, 4 or 8")
     p.add_argument(
-        "--group-size", type=int, default=64, help="weights per scale along K (0: per-channel)"
+        "--group-size",
+        type=int,
+        default=None,
+        help="weights per scale along K (0: per-channel; default 32 with hierarchical 4-bit "
+        "sub-scales when calibrating, else 64)",
     )
     p.add_argument("--symmetric", action="store_true", help="no zero points (z = 2^(bits-1))")
     p.add_argument(
@@ -83,7 +88,9 @@ def _add_optimize(sub):
         "'embed|lm_head=bits:4,group:32' (fields: bits, group, method, symmetric, "
         "scale_bits, super_group; repeatable, applied in order)",
     )
-    p.add_argument("--scale-bits", type=int, default=0, help="hierarchical scales: sub-scale bits")
+    p.add_argument(
+        "--scale-bits", type=int, default=None, help="hierarchical scales: sub-scale bits (0: off)"
+    )
     p.add_argument("--super-group", type=int, default=8, help="groups per super-scale")
     p.add_argument(
         "--no-embeddings", action="store_true", help="keep embedding Gather tables in float"
@@ -98,13 +105,44 @@ def _add_optimize(sub):
     p.add_argument(
         "--method",
         default=None,
-        help="rtn, mse, gptq, awq, codebook or auto (default: auto with --calib-text, else rtn)",
+        help="rtn, mse, gptq, awq, codebook or auto (default: gptq when calibrating, else rtn)",
     )
     p.add_argument(
         "--calib-text",
         default=None,
         metavar="FILE",
-        help="calibration text (file, gensim:wiki-calib, ...) or .npy/.npz token ids",
+        help="calibration text (file, gensim:wiki-calib, ...), .npy/.npz token ids, or 'self' "
+        "(the model generates it; the default for decoder exports with a tokenizer)",
+    )
+    p.add_argument(
+        "--data-free",
+        action="store_true",
+        help="never calibrate: round-to-nearest, as fast as possible (lower quality)",
+    )
+    p.add_argument(
+        "--budget-bpw",
+        type=float,
+        default=None,
+        help="bit allocation: average bits per quantized weight, embeddings included "
+        "(default when calibrating: --bits + 0.7)",
+    )
+    p.add_argument(
+        "--budget-mb", type=float, default=None, help="bit allocation: model file size in MB"
+    )
+    p.add_argument(
+        "--uniform", action="store_true", help="one recipe for every matrix (no bit allocation)"
+    )
+    p.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=None,
+        help="end-to-end tuning passes over the calibration batches (default 2 when "
+        "calibrating; 0: off)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of sensitivity and end-to-end tuning: cpu, cuda, cuda:N",
     )
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
@@ -160,6 +198,12 @@ def _run_optimize(args) -> int:
         report=args.report,
         threads=args.threads,
         overrides=tuple(args.override),
+        data_free=args.data_free,
+        budget_bpw=args.budget_bpw,
+        budget_mb=args.budget_mb,
+        uniform=args.uniform,
+        e2e_epochs=args.e2e_epochs,
+        device=args.device,
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")
@@ -167,11 +211,12 @@ def _run_optimize(args) -> int:
     if args.quiet:
         print(report.output)
         return 0
-    print(_optimize_summary(report, config))
+    print(_optimize_summary(report))
     return 0
 
 
-def _optimize_summary(report, config) -> str:
+def _optimize_summary(report) -> str:
+    config = report.config
     lin = report.linear
     lines = [f"QuantX optimize: {report.input} -> {report.output}"]
     path = "int8 activations" if report.accuracy_level == 4 else "float activations"
@@ -215,6 +260,23 @@ def _optimize_summary(report, config) -> str:
             f"  calibration: {c['tokens']} tokens from {c['source']} "
             f"({'sequential' if c['sequential'] else 'one pass'}, {c['seconds']:.1f} s)"
         )
+        if report.plan:
+            p = report.plan
+            lines.append(
+                f"  bit plan: {p['planned_bytes'] / 1e6:.2f} MB of weights for a budget of "
+                f"{p['budget_bytes'] / 1e6:.2f} MB, estimated loss "
+                f"+{p['estimated_loss_increase']:.4f} nats/token before GPTQ"
+            )
+            for recipe, count in sorted(p["recipes"].items()):
+                lines.append(f"    {count:4d} x {recipe}")
+        t = report.tuning
+        if t and "skipped" in t:
+            lines.append(f"  end-to-end tuning skipped: {t['skipped']}")
+        elif t:
+            lines.append(
+                f"  end-to-end tuning: {t['steps']} steps on {t['device']}, KL to the float model "
+                f"{t['kl_first']:.4f} -> {t['kl_last']:.4f} nats/token, {t['seconds']:.1f} s"
+            )
         errs = [w["output_error"] for w in report.weights if "output_error" in w]
         lines.append("  per weight: recipe, bits/weight, relative output error")
         width = max(len(w["weight"]) for w in report.weights)
@@ -234,7 +296,8 @@ def _optimize_summary(report, config) -> str:
             )
     if report.copied:
         lines.append(f"  copied: {', '.join(report.copied)}")
-    lines.append(f"  time: {report.seconds:.1f} s")
+    steps = "".join(f", {name} {t:.0f} s" for name, t in report.phases.items())
+    lines.append(f"  time: {report.seconds:.1f} s{steps}")
     return "\n".join(lines)
 
 

@@ -12,16 +12,27 @@ LM_HEAD = r"(^|[/.])lm_head([/.]|$)"  # node or weight names of an (untied) outp
 METHODS = ("rtn", "mse", "gptq", "awq", "codebook", "auto")
 
 
+# Calibrated runs default to groups of 32 with hierarchical 4-bit sub-scales (the best
+# measured recipe, docs/ACCURACY.md); data-free runs to groups of 64 with fp16 scales.
+CALIBRATED_GROUP = (32, 4, 8)  # group size, scale bits, super-group
+DATA_FREE_GROUP = (64, 0, 8)
+# A calibrated model's default size: this many bits per weight above --bits, averaged over
+# every quantized weight, embedding table included (3.7 for a 3-bit model; the 4-bit table
+# alone costs ~4.6). The allocator spends it where the measured sensitivity says.
+BUDGET_MARGIN_BITS = 0.7
+E2E_EPOCHS = 2  # default end-to-end tuning passes over the calibration batches
+
+
 @dataclasses.dataclass
 class QuantConfig:
     bits: int = 3
-    group_size: int = 64  # 0 = per-channel
+    group_size: int | None = None  # 0 = per-channel; None: 32 calibrated, 64 data-free
     symmetric: bool = False
     target: str = "auto"
     accuracy_level: int | None = None  # None: the target's default
     exclude: tuple[str, ...] = ()  # regexes on node or weight names
     method: str | None = None  # None: auto with calibration data, else rtn
-    scale_bits: int = 0  # hierarchical scales (0 = plain fp16 scale per group)
+    scale_bits: int | None = None  # hierarchical scales (0 = plain fp16 scale per group)
     super_group: int = 8
     embeddings: bool = True  # also quantize Gather tables (shared with a tied lm_head)
     # Embedding tables and the lm_head (often one tied matrix) are the most sensitive weights
@@ -32,7 +43,8 @@ class QuantConfig:
     fuse_attention: bool = True  # decoder attention -> com.microsoft GroupQueryAttention
     scale_dtype: str = "float16"
     # calibration
-    calib: str | None = None  # text file, gensim:* corpus, or .npy/.npz token ids
+    calib: str | None = None  # text file, gensim:* corpus, .npy/.npz token ids, or "self"
+    data_free: bool = False  # never calibrate (a decoder export otherwise generates its text)
     calib_samples: int = 32
     calib_seq_len: int = 512
     calib_batch: int = 4
@@ -41,6 +53,13 @@ class QuantConfig:
     threads: int | None = None
     seed: int = 0
     report: str | None = None  # write the per-weight report as JSON here
+    # bit allocation (calibrated runs): a budget in bits per quantized weight or in MB of
+    # packed weights; None: --bits + BUDGET_MARGIN_BITS; uniform=True keeps one recipe
+    budget_bpw: float | None = None
+    budget_mb: float | None = None
+    uniform: bool = False
+    e2e_epochs: int | None = None  # end-to-end tuning passes (None: E2E_EPOCHS calibrated)
+    device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
 
     def parsed_overrides(self) -> list[tuple[str, dict]]:
@@ -62,7 +81,38 @@ class QuantConfig:
     def resolved_method(self) -> str:
         if self.method:
             return self.method
-        return "auto" if self.calib else "rtn"
+        return "gptq" if self.calib else "rtn"
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calib) and self.resolved_method not in ("rtn", "mse", "codebook")
+
+    def resolved(self) -> QuantConfig:
+        """Every unset default filled in (groups, scales, budget, tuning) for how this run
+        calibrates; call after ``calib`` is settled."""
+        cal = bool(self.calib)
+        group, scale_bits, super_group = CALIBRATED_GROUP if cal else DATA_FREE_GROUP
+        fields = {}
+        if self.group_size is None:
+            fields["group_size"] = group
+            if self.scale_bits is None and not self.symmetric:
+                fields["scale_bits"], fields["super_group"] = scale_bits, super_group
+        if fields.get("scale_bits", self.scale_bits) is None:
+            fields["scale_bits"] = 0
+        if self.e2e_epochs is None:
+            fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
+        if (
+            self.calibrated
+            and not self.uniform
+            and self.budget_bpw is None
+            and self.budget_mb is None
+        ):
+            fields["budget_bpw"] = self.bits + BUDGET_MARGIN_BITS
+        return dataclasses.replace(self, **fields)
+
+    @property
+    def allocating(self) -> bool:
+        return not self.uniform and (self.budget_bpw is not None or self.budget_mb is not None)
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -70,7 +120,7 @@ class QuantConfig:
                 f"--bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}"
             )
         g = self.group_size
-        if g != 0 and (g % 16 or not 16 <= g <= MAX_GROUP):
+        if g is not None and g != 0 and (g % 16 or not 16 <= g <= MAX_GROUP):
             raise InputError(
                 f"--group-size {g}: must be 0 (per-channel) or a multiple of 16 "
                 f"in [16, {MAX_GROUP}]"
@@ -88,6 +138,20 @@ class QuantConfig:
                 f"--embedding-bits {self.embedding_bits}: choose 0 or one of "
                 f"{', '.join(map(str, SUPPORTED_BITS))}"
             )
+        if self.data_free and self.calib:
+            raise InputError("--data-free and --calib-text exclude each other")
+        if self.budget_bpw is not None and self.budget_mb is not None:
+            raise InputError("give one of --budget-bpw and --budget-mb")
+        if self.budget_bpw is not None and not 1.0 < self.budget_bpw <= 32:
+            raise InputError(f"--budget-bpw {self.budget_bpw}: must be in (1, 32]")
+        if self.budget_mb is not None and self.budget_mb <= 0:
+            raise InputError(f"--budget-mb {self.budget_mb}: must be positive")
+        if (self.budget_bpw is not None or self.budget_mb is not None) and self.data_free:
+            raise InputError("a budget is allocated from calibration: drop --data-free")
+        if self.e2e_epochs is not None and self.e2e_epochs < 0:
+            raise InputError(f"--e2e-epochs {self.e2e_epochs}: must be >= 0")
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise InputError(f"--device {self.device!r}: choose cpu, cuda or cuda:N")
         if self.scale_bits and not 2 <= self.scale_bits <= 8:
             raise InputError(f"--scale-bits {self.scale_bits}: must be 0 or in [2, 8]")
         if self.scale_bits and self.symmetric:

@@ -16,13 +16,14 @@ import onnx_ir as ir
 
 from . import model_io
 from .calibration.feeds import batches, decoder_feeds, token_windows
+from .calibration.selfgen import SELF, generate_windows
 from .config import QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
-from .recipes import Recipe, single_recipe_quantizer, with_recipe_for
+from .recipes import Recipe, recipe_for, single_recipe_quantizer, with_plan, with_recipe_for
 from .targets import resolve_target
 
 
@@ -41,6 +42,10 @@ class OptimizeReport:
     copied: list[str]
     weights: list[dict] = dataclasses.field(default_factory=list)  # per-weight recipe report
     calibration: dict | None = None
+    config: QuantConfig | None = None  # with every default resolved
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per step
+    plan: dict | None = None  # the bit allocation, when a budget was planned
+    tuning: dict | None = None  # end-to-end tuning report
 
     @property
     def quantized_weights(self) -> int:
@@ -61,9 +66,12 @@ class OptimizeReport:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "seconds": self.seconds,
+            "phases": self.phases,
             "bits_per_weight": self.bits_per_weight,
             "quantized_parameters": self.quantized_weights,
             "calibration": self.calibration,
+            "plan": self.plan,
+            "end_to_end": self.tuning,
             "attention_fused_layers": self.attention.fused,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
             "weights": self.weights,
@@ -99,23 +107,131 @@ def _decoder_past_shapes(model: ir.Model) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def default_calibration(model: ir.Model, folder: Path, config: QuantConfig) -> str | None:
+    """What a run calibrates on when the user gave nothing: a decoder export with a KV cache
+    and a tokenizer generates its own text (``self``); anything else stays data-free."""
+    if config.calib or config.data_free:
+        return config.calib
+    names = {v.name for v in model.graph.inputs}
+    decoder = "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
+    return SELF if decoder and (folder / "tokenizer.json").is_file() else None
+
+
 def calibration_feeds(
-    model: ir.Model, folder: Path, config: QuantConfig, feeds: Iterable[dict] | None = None
+    model: ir.Model,
+    source: model_io.ModelSource,
+    config: QuantConfig,
+    feeds: Iterable[dict] | None = None,
+    progress=None,
 ) -> list[dict]:
-    """Calibration batches: given feeds, or windows of the configured text / token file."""
+    """Calibration batches: given feeds, self-generated windows, or windows of the configured
+    text / token file."""
     if feeds is not None:
         out = [dict(f) for f in feeds]
         if not out:
             raise InputError("calibration feeds are empty")
         return out
+    folder = source.folder or source.model_path.parent
     names = [v.name for v in model.graph.inputs]
     if "input_ids" not in names:
         raise InputError("--calib-text needs a decoder export with input_ids; pass feeds instead")
-    windows = token_windows(
-        config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
-    )
+    if config.calib == SELF:
+        windows = generate_windows(
+            source.model_path,
+            config.calib_samples,
+            config.calib_seq_len,
+            seed=config.seed,
+            threads=config.threads,
+            progress=_bar(progress, "generating calibration text"),
+        )
+    else:
+        windows = token_windows(
+            config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
+        )
     past = _decoder_past_shapes(model)
     return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
+
+
+SENSITIVITY_BATCHES = 4  # calibration batches the Fisher pass reads (8192 tokens by default)
+
+
+def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress):
+    """Measure sensitivity on the float model, then allocate bits under the budget."""
+    from .calibration.sensitivity import measure
+    from .passes.rule import weight_array
+    from .plan import make_plan
+
+    by_key: dict[WeightKey, list[LinearMatch]] = {}
+    for m in matches:
+        by_key.setdefault(m.key, []).append(m)
+    try:
+        sens = measure(
+            ir_model,
+            matches,
+            feeds[:SENSITIVITY_BATCHES],
+            device=config.device,
+            progress=_bar(progress, "measuring sensitivity"),
+        )
+    except ValueError as e:
+        raise InputError(f"bit allocation: {e} (use --uniform)") from e
+    weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
+    base, pinned = {}, set()
+    user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
+    table_recipe = dataclasses.replace(recipe, **config.embedding_fields())
+    for k, ms in by_key.items():
+        names = [k.initializer, *(m.name for m in ms)]
+        base[k] = recipe_for(recipe, overrides, names)
+        if recipe_for(recipe, user, names) != recipe:
+            pinned.add(k)
+    quantized = {k.initializer for k in by_key}
+    # what the file holds besides packed weights: the other tensors, and per node and per
+    # packed tensor its protobuf framing (names, shapes, attributes: ~250 B per node measured)
+    other = sum(
+        v.const_value.nbytes
+        for name, v in ir_model.graph.initializers.items()
+        if name not in quantized and v.const_value is not None
+    )
+    other += 250 * sum(1 for _ in ir_model.graph) + 400 * len(by_key)
+    return make_plan(
+        weights,
+        base,
+        pinned,
+        {k: table_recipe for k in tables if config.embedding_bits != 0},
+        sens,
+        layout,
+        budget_bpw=config.budget_bpw,
+        budget_mb=config.budget_mb,
+        other_bytes=other,
+        progress=_bar(progress, "pricing recipes"),
+    )
+
+
+def _tune(ir_model, cache, entries, feeds, config, progress) -> dict:
+    """End-to-end tuning: new scales in ``cache``, new float initializers in the model."""
+    from .calibration.e2e import tune_end_to_end
+
+    try:
+        tuned, floats, report = tune_end_to_end(
+            ir_model,
+            cache,
+            feeds,
+            epochs=config.e2e_epochs,
+            device=config.device,
+            seed=config.seed,
+            progress=_bar(progress, "end-to-end tuning"),
+        )
+    except ValueError as e:  # an op the torch executor lacks: keep the layer-wise result
+        return {"skipped": str(e)}
+    cache.update(tuned)
+    for name, value in floats.items():
+        ir_model.graph.initializers[name].const_value = ir.tensor(value)
+    return report.to_json()
+
+
+def _bar(progress, desc: str):
+    """A one-argument progress wrapper for a step (``progress(items, desc)`` given by the
+    caller, e.g. tqdm bars in the CLI), or None."""
+    return None if progress is None else (lambda items: progress(items, desc))
 
 
 def optimize(
@@ -130,7 +246,9 @@ def optimize(
     (a .onnx file or an optimum export folder) and write the result to ``output`` (a .onnx
     path, or a folder for a folder input). With ``config.calib`` (or ``calib_feeds``,
     an iterable of ORT feed dicts) the float model is run over real inputs first and the
-    recipe uses what it sees."""
+    recipe uses what it sees; a decoder export with a tokenizer calibrates on text it
+    generates itself unless ``config.data_free``. ``progress(items, desc)`` may wrap each
+    long step's iterable (a progress bar)."""
     start = time.perf_counter()
     config = config or QuantConfig()
     if calib_feeds is not None and not config.calib:
@@ -144,6 +262,8 @@ def optimize(
     bytes_before = _files_size(in_files)
     ir_model = model_io.load_model(source)
     folder = source.folder or source.model_path.parent
+    config = dataclasses.replace(config, calib=default_calibration(ir_model, folder, config))
+    config = config.resolved()
     attention = AttentionReport()
     if config.fuse_attention:
         attention = fuse_attention(ir_model, folder)
@@ -156,37 +276,49 @@ def optimize(
         config.scale_bits,
         config.super_group,
     )
+    layout = Layout(target.layout)
     scale_dtype = np.float16 if config.scale_dtype == "float16" else np.float32
-    quantizer = single_recipe_quantizer(
-        recipe, Layout(target.layout), scale_dtype, config.parsed_overrides()
-    )
+    overrides = config.parsed_overrides()
+    quantizer = single_recipe_quantizer(recipe, layout, scale_dtype, overrides)
     excluded = _exclusion(config)
     accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
+    matches = [m for _, m in accepted]
+    tables = {m.key for m in matches if m.rule == "gather"}
     if config.embedding_bits != 0:  # tables read by a Gather (with their tied lm_head)
-        tables = {m.key for _, m in accepted if m.rule == "gather"}
         quantizer = with_recipe_for(tables, config.embedding_fields(), quantizer)
 
     cache: dict[WeightKey, object] = {}
     entries: dict[WeightKey, dict] = {}
-    calibration = None
+    calibration = plan = tuning = None
+    phases: dict[str, float] = {}  # seconds per step of the run
     if config.calib:
-        feeds = calibration_feeds(ir_model, folder, config, calib_feeds)
+        clock = time.perf_counter()
+        feeds = calibration_feeds(ir_model, source, config, calib_feeds, progress)
+        phases["calibration data"] = time.perf_counter() - clock
+        if config.allocating:
+            clock = time.perf_counter()
+            plan = _plan(
+                ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress
+            )
+            quantizer = with_plan(plan.recipes, quantizer)
+            phases["sensitivity and bit plan"] = time.perf_counter() - clock
         from .calibration.driver import calibrate_and_quantize
 
         try:
             result = calibrate_and_quantize(
                 ir_model,
-                [m for _, m in accepted],
+                matches,
                 feeds,
                 quantizer,
                 sequential=config.sequential,
                 hessian_mode=config.hessian,
                 threads=config.threads,
-                progress=progress,
+                progress=_bar(progress, "calibrating layers"),
             )
         except ValueError as e:
             raise InputError(f"{source.model_path}: {e}") from e
         cache, entries = result.weights, result.info
+        phases["layer-wise quantization"] = result.seconds
         calibration = {
             "source": str(config.calib),
             "batches": len(feeds),
@@ -194,6 +326,10 @@ def optimize(
             "seconds": result.seconds,
             "sequential": config.sequential,
         }
+        if config.e2e_epochs and config.calibrated:
+            clock = time.perf_counter()
+            tuning = _tune(ir_model, cache, entries, feeds, config, progress)
+            phases["end-to-end tuning"] = time.perf_counter() - clock
 
     def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]):
         if key in cache:
@@ -214,7 +350,7 @@ def optimize(
             quantize,
             accuracy_level=int(level),
             excluded=excluded,
-            progress=None if config.calib else progress,
+            progress=None if config.calib else _bar(progress, "quantizing weights"),
             make_tensor=spill or in_memory,
         )
         if not linear.rewritten:
@@ -249,6 +385,10 @@ def optimize(
         copied=copied,
         weights=[entries[k] for k in entries],
         calibration=calibration,
+        config=config,
+        phases=phases,
+        plan=plan.to_json() if plan else None,
+        tuning=tuning,
     )
     if config.report:
         with model_io.staged_output(Path(config.report)) as stage:

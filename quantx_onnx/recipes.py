@@ -191,8 +191,23 @@ def with_recipe_for(keys: set, fields: dict, quantizer):
     """`quantizer` with `fields` forced for the weights in `keys` (matched by structure, e.g.
     embedding tables, rather than by name)."""
 
-    def quantize(key: WeightKey, w_kn, stats, names=()):
-        return quantizer(key, w_kn, stats, names, forced=fields if key in keys else None)
+    def quantize(key: WeightKey, w_kn, stats, names=(), forced=None):
+        if key in keys:  # a plan's choice (`forced`) wins over the structural default
+            forced = {**fields, **(forced or {})}
+        return quantizer(key, w_kn, stats, names, forced=forced)
+
+    return quantize
+
+
+def with_plan(plan: dict, quantizer):
+    """`quantizer` with each planned weight's recipe forced (a bit allocation)."""
+    fields = ("bits", "group_size", "symmetric", "scale_bits", "super_group")
+
+    def quantize(key: WeightKey, w_kn, stats, names=(), forced=None):
+        r = plan.get(key)
+        if r is not None:
+            forced = {**(forced or {}), **{f: getattr(r, f) for f in fields}}
+        return quantizer(key, w_kn, stats, names, forced=forced)
 
     return quantize
 

@@ -39,6 +39,10 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (<|im_start|>, <|endoftext|>, ...)."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

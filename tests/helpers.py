@@ -104,3 +104,24 @@ def rel_err(got, ref) -> float:
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
+    """A byte-level BPE tokenizer.json of exactly ``vocab`` ids (two of them special), so a
+    tiny random decoder export looks like a real one to tokenizer-driven code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    words = [f"{a}{b}{c}" for a in "bcdfgh" for b in "aeiou" for c in "lmnprst"]
+    text = [" ".join(words[i::7]) for i in range(7)] * 3
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
+    tok.save(str(folder / "tokenizer.json"))

@@ -1,0 +1,96 @@
+"""Self-generated calibration text: the float decoder samples its own token windows, so a
+decoder export calibrates with no data from the user (``--calib-text self``, the default for
+decoder folders with a tokenizer).
+
+Each window starts from a token drawn uniformly from the ordinary (non-special) vocabulary, so
+windows begin on different topics, and continues by sampling at temperature 1 from the
+nucleus (top-p) of the model's distribution, all windows of a batch at once with the KV cache
+in ONNX Runtime. Special tokens are never sampled: windows are running text, as the
+evaluation protocol's are. Seeded: the same seed gives the same windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+SELF = "self"  # the --calib-text spec
+TOP_CANDIDATES = 1024  # the nucleus is cut from the most likely tokens of each row
+
+
+def sample_rows(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float, banned
+) -> np.ndarray:
+    """One token per row of ``logits`` [rows, V]: temperature, then the smallest set of most
+    likely tokens (among the TOP_CANDIDATES best) whose probability reaches ``top_p``."""
+    z = logits.astype(np.float64) / temperature
+    if len(banned):
+        z[:, banned] = -np.inf
+    k = min(TOP_CANDIDATES, z.shape[1])
+    top = np.argpartition(-z, k - 1, axis=1)[:, :k]
+    zt = np.take_along_axis(z, top, axis=1)
+    order = np.argsort(-zt, axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    zt = np.take_along_axis(zt, order, axis=1)
+    p = np.exp(zt - zt[:, :1])
+    p /= p.sum(axis=1, keepdims=True)
+    keep = np.cumsum(p, axis=1) - p < top_p  # always keeps the most likely token
+    p = np.where(keep, p, 0.0)
+    p /= p.sum(axis=1, keepdims=True)
+    u = rng.random((len(p), 1))
+    choice = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), k - 1)
+    return top[np.arange(len(top)), choice]
+
+
+def special_token_ids(folder: Path) -> np.ndarray:
+    from ..tokenizer import Tokenizer
+
+    return np.array(sorted(Tokenizer(folder).special_ids()), np.int64)
+
+
+def generate_windows(
+    model: str | Path,
+    samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    batch: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    threads: int | None = None,
+    progress=None,
+) -> np.ndarray:
+    """``samples`` windows of ``seq_len`` tokens sampled from the float decoder ``model`` (an
+    export folder or its model.onnx), as int64 [samples, seq_len]."""
+    from ..llm import DecoderSession
+
+    if samples < 1 or seq_len < 2:
+        raise InputError("self-generated calibration needs samples >= 1 and seq_len >= 2")
+    session = DecoderSession(model, threads=threads)
+    if session.cache.layers == 0:
+        raise InputError(
+            f"{session.path}: self-generated calibration needs a decoder with a KV cache "
+            "(optimum's text-generation-with-past export)"
+        )
+    banned = special_token_ids(session.folder)
+    ordinary = np.setdiff1d(np.arange(session.vocab), banned)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((samples, seq_len), np.int64)
+    # one work item per generated position of each batch of windows (for a progress bar)
+    work = [
+        (b0, min(b0 + batch, samples), t)
+        for b0 in range(0, samples, batch)
+        for t in range(1, seq_len)
+    ]
+    cache = logits = None
+    for b0, b1, t in progress(work) if progress else work:
+        if t == 1:  # a new batch: its random first tokens, prefilled
+            out[b0:b1, 0] = rng.choice(ordinary, size=b1 - b0)
+            logits, cache = session.step(out[b0:b1, :1], session.empty_cache(b1 - b0), 0)
+        out[b0:b1, t] = sample_rows(logits[:, -1], rng, temperature, top_p, banned)
+        if t + 1 < seq_len:
+            logits, cache = session.step(out[b0:b1, t : t + 1], cache, t)
+    return out

@@ -1,0 +1,46 @@
+"""Self-generated calibration: the float decoder samples its own windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantx_onnx.calibration.selfgen import generate_windows, sample_rows
+from quantx_onnx.tokenizer import Tokenizer
+
+
+def test_nucleus_sampling_keeps_the_top_p_mass_and_its_proportions():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.tile(np.log(p), (20000, 1))
+    got = sample_rows(logits, rng, 1.0, 0.7, np.array([], np.int64))
+    counts = np.bincount(got, minlength=4)
+    assert counts[2] == counts[3] == 0  # 0.5 + 0.3 reaches 0.7: the tail is cut
+    assert counts[0] / counts[1] == pytest.approx(5 / 3, rel=0.05)
+    banned = sample_rows(logits, rng, 1.0, 1.0, np.array([0]))
+    assert 0 not in banned and set(np.unique(banned)) == {1, 2, 3}
+
+
+def test_windows_are_seeded_running_text(tiny_with_tokenizer):
+    a = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
+    b = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
+    c = generate_windows(tiny_with_tokenizer, 5, 12, seed=4, batch=2, threads=1)
+    assert a.shape == (5, 12) and a.dtype == np.int64
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    special = Tokenizer(tiny_with_tokenizer).special_ids()
+    assert special and not set(a.reshape(-1).tolist()) & special
+    assert len(set(a[:, 0].tolist())) > 1  # windows start on different tokens
+    assert a.max() < 320
+
+
+def test_windows_follow_the_model(tiny_with_tokenizer):
+    """Greedy-like sampling (tiny top_p) reproduces the model's argmax continuation."""
+    from quantx_onnx.llm import DecoderSession
+
+    w = generate_windows(tiny_with_tokenizer, 2, 6, seed=0, top_p=1e-9, threads=1)
+    s = DecoderSession(tiny_with_tokenizer, threads=1)
+    for row in w:
+        logits = s.logits(row[None, :-1])[0]
+        special = sorted(Tokenizer(tiny_with_tokenizer).special_ids())
+        logits[:, special] = -np.inf
+        assert np.array_equal(logits.argmax(axis=1), row[1:])

@@ -1,0 +1,57 @@
+"""The Fisher estimate of a weight error's cost against the KL measured in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from quantx_onnx.passes.quantize_linear import DEFAULT_RULES, find_matches
+from quantx_onnx.passes.rule import weight_array
+
+from quantx_onnx.calibration.sensitivity import measure
+
+from .helpers import llm_feeds, quantx_session
+
+pytest.importorskip("torch")
+
+
+def _log_probs(model: ir.Model, feeds):
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    out = []
+    for f in feeds:
+        z = sess.run(["logits"], f)[0].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        out.append(z - np.log(np.exp(z).sum(-1, keepdims=True)))
+    return out
+
+
+def test_estimated_cost_is_the_measured_kl(tiny_llama, rng):
+    model = ir.load(str(tiny_llama / "model.onnx"))
+    matches = [m for _, m in find_matches(model.graph, DEFAULT_RULES, None)[0]]
+    sess = quantx_session(tiny_llama / "model.onnx")
+    feeds = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
+    sens = measure(model, matches, feeds)
+    assert sens.tokens == 6 * 4 * 32
+    base = _log_probs(model, feeds)
+    ratios = {}
+    for m in {m.key: m for m in matches}.values():
+        w = weight_array(m.weight, m.key).astype(np.float32)
+        d = rng.standard_normal(w.shape).astype(np.float32) * 0.3 * w.std()
+        estimate = sens.loss_increase(m.key, w, w + d)
+        original = m.weight.const_value
+        noisy = w + d
+        m.weight.const_value = ir.tensor(
+            np.ascontiguousarray(noisy.T if m.key.transposed else noisy)
+        )
+        got = _log_probs(model, feeds)
+        m.weight.const_value = original
+        kl = np.mean([(np.exp(a) * (a - b)).sum(-1).mean() for a, b in zip(base, got)])
+        ratios[m.key.initializer] = estimate / kl
+    # second order with output channels averaged: close, never off by an order of magnitude;
+    # the embedding table (lookup + tied lm_head terms) included
+    assert all(0.3 < r < 1.6 for r in ratios.values()), ratios
+    assert 0.8 < np.median(list(ratios.values())) < 1.2, ratios
+    assert 0.8 < ratios["model.embed_tokens.weight"] < 1.25, ratios
