@@ -140,6 +140,13 @@ def _add_optimize(sub):
         "calibrating; 0: off)",
     )
     p.add_argument(
+        "--block-steps",
+        type=int,
+        default=0,
+        help="learned rounding per decoder layer: sign-gradient steps fitting each layer's "
+        "output to the float model's (0: off, the default; docs/ACCURACY.md)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="torch device of sensitivity and end-to-end tuning: cpu, cuda, cuda:N",
@@ -203,6 +210,7 @@ def _run_optimize(args) -> int:
         budget_mb=args.budget_mb,
         uniform=args.uniform,
         e2e_epochs=args.e2e_epochs,
+        block_steps=args.block_steps,
         device=args.device,
     )
     report = optimize(
@@ -269,6 +277,15 @@ def _optimize_summary(report) -> str:
             )
             for recipe, count in sorted(p["recipes"].items()):
                 lines.append(f"    {count:4d} x {recipe}")
+        blocks = c.get("block_reconstruction") or []
+        if blocks:
+            kept = [b for b in blocks if b["kept"]]
+            gain = np.mean([1 - b["loss_after"] / b["loss_before"] for b in kept]) if kept else 0
+            lines.append(
+                f"  block reconstruction: {len(kept)}/{len(blocks)} layers improved, layer "
+                f"output error -{100 * gain:.0f}% on average, "
+                f"{sum(b['seconds'] for b in blocks):.1f} s"
+            )
         t = report.tuning
         if t and "skipped" in t:
             lines.append(f"  end-to-end tuning skipped: {t['skipped']}")

@@ -59,6 +59,7 @@ class QuantConfig:
     budget_mb: float | None = None
     uniform: bool = False
     e2e_epochs: int | None = None  # end-to-end tuning passes (None: E2E_EPOCHS calibrated)
+    block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
 
@@ -103,6 +104,7 @@ class QuantConfig:
             fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
         if (
             self.calibrated
+            and self.bits <= 4  # an 8-bit model has no margin worth allocating
             and not self.uniform
             and self.budget_bpw is None
             and self.budget_mb is None
@@ -148,6 +150,8 @@ class QuantConfig:
             raise InputError(f"--budget-mb {self.budget_mb}: must be positive")
         if (self.budget_bpw is not None or self.budget_mb is not None) and self.data_free:
             raise InputError("a budget is allocated from calibration: drop --data-free")
+        if self.block_steps < 0:
+            raise InputError(f"--block-steps {self.block_steps}: must be >= 0")
         if self.e2e_epochs is not None and self.e2e_epochs < 0:
             raise InputError(f"--e2e-epochs {self.e2e_epochs}: must be >= 0")
         if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):

@@ -109,8 +109,9 @@ def _decoder_past_shapes(model: ir.Model) -> dict[str, tuple[int, int]]:
 
 def default_calibration(model: ir.Model, folder: Path, config: QuantConfig) -> str | None:
     """What a run calibrates on when the user gave nothing: a decoder export with a KV cache
-    and a tokenizer generates its own text (``self``); anything else stays data-free."""
-    if config.calib or config.data_free:
+    and a tokenizer generates its own text (``self``) below 8 bits; anything else stays
+    data-free."""
+    if config.calib or config.data_free or config.bits >= 8:  # 8 bits: RTN is near lossless
         return config.calib
     names = {v.name for v in model.graph.inputs}
     decoder = "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
@@ -192,21 +193,69 @@ def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, p
         if name not in quantized and v.const_value is not None
     )
     other += 250 * sum(1 for _ in ir_model.graph) + 400 * len(by_key)
-    return make_plan(
-        weights,
-        base,
-        pinned,
-        {k: table_recipe for k in tables if config.embedding_bits != 0},
-        sens,
-        layout,
-        budget_bpw=config.budget_bpw,
-        budget_mb=config.budget_mb,
-        other_bytes=other,
-        progress=_bar(progress, "pricing recipes"),
-    )
+    # end-to-end tuning adds an fp16 input scale (K values) to every quantized weight
+    shapes = [w.shape for w in weights.values()]
+    reserved = _input_scale_bytes(shapes) if _tunes_input_channels(shapes, config) else 0
+    from .allocate import BudgetError
+
+    try:
+        return make_plan(
+            weights,
+            base,
+            pinned,
+            {k: table_recipe for k in tables if config.embedding_bits != 0},
+            sens,
+            layout,
+            budget_bpw=config.budget_bpw,
+            budget_mb=config.budget_mb,
+            other_bytes=other,
+            reserved_bytes=reserved,
+            progress=_bar(progress, "pricing recipes"),
+        )
+    except BudgetError as e:
+        raise InputError(f"bit allocation: {e}; give a larger --budget-bpw/--budget-mb") from e
 
 
-def _tune(ir_model, cache, entries, feeds, config, progress) -> dict:
+INPUT_SCALE_MAX_BPW = 0.05  # end-to-end tuning's input scales, when they cost less than this
+
+
+def _input_scale_bytes(shapes: list[tuple[int, int]]) -> int:
+    return sum(2 * k for k, _ in shapes)  # fp16, K per matrix W[K, N]
+
+
+def _tunes_input_channels(shapes: list[tuple[int, int]], config: QuantConfig) -> bool:
+    """End-to-end tuning fits an input-channel multiplier per matrix where the K fp16 values
+    it stores cost under INPUT_SCALE_MAX_BPW bits per weight on average (0.02 on SmolLM2; on a
+    tiny model they would eat the budget)."""
+    if not config.e2e_epochs:
+        return False
+    total = sum(k * n for k, n in shapes)
+    return 8 * _input_scale_bytes(shapes) <= INPUT_SCALE_MAX_BPW * total
+
+
+def _refiner(ir_model, config):
+    """Block reconstruction of each decoder layer after its GPTQ pass (``--block-steps``)."""
+    if not config.block_steps or not config.calibrated:
+        return None
+    from .calibration.blockwise import refine_stage
+
+    def refine(stage, matches, weights, live, targets):
+        return refine_stage(
+            ir_model,
+            stage,
+            matches,
+            weights,
+            live,
+            targets,
+            steps=config.block_steps,
+            device=config.device,
+            seed=config.seed,
+        )
+
+    return refine
+
+
+def _tune(ir_model, cache, matches, feeds, config, progress) -> dict:
     """End-to-end tuning: new scales in ``cache``, new float initializers in the model."""
     from .calibration.e2e import tune_end_to_end
 
@@ -214,8 +263,12 @@ def _tune(ir_model, cache, entries, feeds, config, progress) -> dict:
         tuned, floats, report = tune_end_to_end(
             ir_model,
             cache,
+            matches,
             feeds,
             epochs=config.e2e_epochs,
+            input_channels=_tunes_input_channels(
+                [(q.fmt.K, q.fmt.N) for q in cache.values()], config
+            ),
             device=config.device,
             seed=config.seed,
             progress=_bar(progress, "end-to-end tuning"),
@@ -264,6 +317,10 @@ def optimize(
     folder = source.folder or source.model_path.parent
     config = dataclasses.replace(config, calib=default_calibration(ir_model, folder, config))
     config = config.resolved()
+    if config.calibrated:
+        from .calibration.device import check_device
+
+        check_device(config.device)
     attention = AttentionReport()
     if config.fuse_attention:
         attention = fuse_attention(ir_model, folder)
@@ -314,6 +371,7 @@ def optimize(
                 hessian_mode=config.hessian,
                 threads=config.threads,
                 progress=_bar(progress, "calibrating layers"),
+                refine=_refiner(ir_model, config),
             )
         except ValueError as e:
             raise InputError(f"{source.model_path}: {e}") from e
@@ -326,9 +384,11 @@ def optimize(
             "seconds": result.seconds,
             "sequential": config.sequential,
         }
+        if result.refined:
+            calibration["block_reconstruction"] = [dataclasses.asdict(r) for r in result.refined]
         if config.e2e_epochs and config.calibrated:
             clock = time.perf_counter()
-            tuning = _tune(ir_model, cache, entries, feeds, config, progress)
+            tuning = _tune(ir_model, cache, matches, feeds, config, progress)
             phases["end-to-end tuning"] = time.perf_counter() - clock
 
     def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]):

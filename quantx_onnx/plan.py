@@ -99,17 +99,21 @@ def make_plan(
     budget_bpw: float | None = None,
     budget_mb: float | None = None,
     other_bytes: int = 0,
+    reserved_bytes: int = 0,
     progress=None,
 ) -> Plan:
     """``weights``: W[K, N] per key; ``base``: the recipe each would get without a plan;
     ``pinned``: keys the user fixed by --override; ``tables``: embedding-table keys with
     their dedicated recipe (tried besides the run's grid); ``other_bytes``: what the model
-    file stores besides the packed weights (counted against --budget-mb)."""
+    file stores besides the packed weights (counted against --budget-mb); ``reserved_bytes``:
+    what later steps add to the quantized weights whatever the plan (end-to-end tuning's
+    input scales), taken off the budget first."""
     total = sum(w.shape[0] * w.shape[1] for w in weights.values())
     if budget_mb is not None:
         budget = int(budget_mb * 1e6) - other_bytes - OTHER_BYTES_MARGIN
     else:
         budget = int(budget_bpw * total / 8)
+    budget -= reserved_bytes
     candidates = {}
     items = list(weights.items())
     for key, w in progress(items) if progress else items:

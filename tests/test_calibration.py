@@ -295,3 +295,49 @@ def test_budget_mb_bounds_the_file(tiny_llama, tmp_path):
         assert sizes[mb] <= mb * 1e6, (mb, sizes[mb])
         assert rep.plan["planned_bytes"] <= rep.plan["budget_bytes"]
     assert sizes[0.095] < sizes[0.13]
+
+
+def test_block_reconstruction_lowers_layer_error_and_keeps_the_format(tiny_llama, tmp_path):
+    """--block-steps: per decoder layer, learned rounding and column scales fitted to the float
+    layer's output. Each kept layer lowered its loss over every calibration batch; the held-out
+    KL falls; the file still means what its numpy reference says."""
+    sess = quantx_session(tiny_llama / "model.onnx")
+    calib = [llm_feeds(sess, seq=64, batch=4, seed=s) for s in range(8)]
+    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    kl, reps = {}, {}
+    for steps in (0, 48):
+        cfg = QuantConfig(bits=2, e2e_epochs=0, uniform=True, block_steps=steps, accuracy_level=0)
+        reps[steps] = optimize(tiny_llama, tmp_path / str(steps), cfg, calib_feeds=calib)
+        out = tmp_path / str(steps) / "model.onnx"
+        kl[steps] = _kl_to(tiny_llama / "model.onnx", out, held_out)
+    blocks = reps[48].calibration["block_reconstruction"]
+    assert "block_reconstruction" not in reps[0].calibration
+    # one report per decoder layer (the tied lm_head is shared with the Gather: not tuned)
+    assert [b["stage"] for b in blocks] == [1, 2], blocks
+    for b in blocks:
+        assert (b["loss_after"] < b["loss_before"]) == b["kept"], b
+    assert sum(b["kept"] for b in blocks) >= 2, blocks
+    assert kl[48] < kl[0], kl  # 15% lower here
+    out = tmp_path / "48" / "model.onnx"
+    ref = reference.dequantized_model(ir.load(str(out)))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    q = quantx_session(out)
+    for g, w in zip(q.run(None, held_out[0]), ref_sess.run(None, held_out[0])):
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
+
+
+def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(tiny_llama, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    sess = quantx_session(tiny_llama / "model.onnx")
+    calib = [llm_feeds(sess, seq=16, batch=2, seed=0)]
+    from quantx_onnx.errors import InputError
+
+    with pytest.raises(InputError, match="--device cuda: torch .* sees no CUDA device"):
+        optimize(tiny_llama, tmp_path / "q", QuantConfig(device="cuda"), calib_feeds=calib)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(InputError, match="--device 'gpu': choose cpu, cuda or cuda:N"):
+        optimize(tiny_llama, tmp_path / "q", QuantConfig(device="gpu"), calib_feeds=calib)

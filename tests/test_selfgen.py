@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from quantx_onnx.calibration.selfgen import generate_windows, sample_rows
+from quantx_onnx.calibration.selfgen import generate_windows, sample_rows, window_starts
 from quantx_onnx.tokenizer import Tokenizer
 
 
@@ -21,16 +23,33 @@ def test_nucleus_sampling_keeps_the_top_p_mass_and_its_proportions():
     assert 0 not in banned and set(np.unique(banned)) == {1, 2, 3}
 
 
-def test_windows_are_seeded_running_text(tiny_with_tokenizer):
+def test_windows_are_seeded_documents_of_running_text(tiny_with_tokenizer):
     a = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
     b = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
     c = generate_windows(tiny_with_tokenizer, 5, 12, seed=4, batch=2, threads=1)
     assert a.shape == (5, 12) and a.dtype == np.int64
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    special = Tokenizer(tiny_with_tokenizer).special_ids()
-    assert special and not set(a.reshape(-1).tolist()) & special
-    assert len(set(a[:, 0].tolist())) > 1  # windows start on different tokens
+    tok = Tokenizer(tiny_with_tokenizer)
+    # each window opens a document: the separator, then a whole word, then running text
+    assert (a[:, 0] == tok.token_id("<|endoftext|>")).all()
+    special = tok.special_ids()
+    assert special and not set(a[:, 1:].reshape(-1).tolist()) & special
+    assert len(set(a[:, 1].tolist())) > 1  # windows start on different words
+    assert all(re.fullmatch(r" [A-Za-z]{3,}", tok.decode([i])) for i in a[:, 1])
     assert a.max() < 320
+
+
+def test_window_starts_fall_back_to_the_whole_vocabulary(tmp_path):
+    """A tokenizer without a known separator or enough whole words: windows start from any
+    ordinary token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    HFTokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(
+        str(tmp_path / "tokenizer.json")
+    )
+    separator, words = window_starts(tmp_path, 3)
+    assert separator is None and words.tolist() == [0, 1, 2]
 
 
 def test_windows_follow_the_model(tiny_with_tokenizer):
@@ -39,8 +58,8 @@ def test_windows_follow_the_model(tiny_with_tokenizer):
 
     w = generate_windows(tiny_with_tokenizer, 2, 6, seed=0, top_p=1e-9, threads=1)
     s = DecoderSession(tiny_with_tokenizer, threads=1)
-    for row in w:
+    for row in w:  # the separator and the drawn word, then the model's argmax continuation
         logits = s.logits(row[None, :-1])[0]
         special = sorted(Tokenizer(tiny_with_tokenizer).special_ids())
         logits[:, special] = -np.inf
-        assert np.array_equal(logits.argmax(axis=1), row[1:])
+        assert np.array_equal(logits.argmax(axis=1)[1:], row[2:])

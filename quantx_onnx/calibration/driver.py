@@ -35,6 +35,7 @@ class CalibrationResult:
     info: dict[WeightKey, dict]
     tokens: int
     seconds: float
+    refined: list = dataclasses.field(default_factory=list)  # blockwise.BlockReport per stage
 
 
 def _activation(m: LinearMatch) -> ir.Value | None:
@@ -61,7 +62,11 @@ def calibrate_and_quantize(
     hessian_mode: str = "norm",
     threads: int | None = None,
     progress=None,
+    refine: Callable | None = None,
 ) -> CalibrationResult:
+    """``refine(stage, matches, weights, live, targets) -> (weights, report)``, when given,
+    tunes each stage's freshly quantized weights against the float model's stage outputs
+    (:mod:`.blockwise`); the float model then runs beside the quantized one."""
     start = time.perf_counter()
     runner = StageRunner(model, lambda: session_options(threads=threads))
     stage_index = stage_of_node(runner.stages)
@@ -71,8 +76,9 @@ def calibrate_and_quantize(
     last_stage = {k: max(stage_index.get(id(m.node), 0) for m in ms) for k, ms in by_key.items()}
 
     live = [dict(f) for f in feeds]
+    float_live = [dict(f) for f in feeds] if refine is not None and sequential else None
     tokens = int(sum(f["input_ids"].size for f in feeds if "input_ids" in f))
-    weights, info = {}, {}
+    weights, info, refined = {}, {}, []
     stages = progress(runner.stages) if progress else runner.stages
     for stage in stages:
         keys = [k for k, s in last_stage.items() if s == stage.index]
@@ -106,9 +112,39 @@ def calibrate_and_quantize(
             names = [m.name for m in by_key[k]]
             q, entry = quantize(k, weight_array(weight, k), stat, names)
             weights[k], info[k] = q, entry
-            if sequential:
-                overrides[weight.name] = _override(weight, k, q)
+        if float_live is not None:
+            targets = _float_targets(runner, stage, float_live, by_key, keys)
+            tuned, report = refine(
+                stage, {k: by_key[k] for k in keys}, {k: weights[k] for k in keys}, live, targets
+            )
+            weights.update(tuned)
+            if report is not None:
+                refined.append(report)
+        if sequential:
+            for k in keys:
+                weight = by_key[k][0].weight
+                overrides[weight.name] = _override(weight, k, weights[k])
         if sequential and stage.outputs:
             runner.run_stage(stage, live, [], overrides=overrides, keep_outputs=True)
         runner.release(stage, live)
-    return CalibrationResult(weights, info, tokens, time.perf_counter() - start)
+        if float_live is not None:
+            runner.release(stage, float_live)
+    return CalibrationResult(weights, info, tokens, time.perf_counter() - start, refined)
+
+
+def _float_targets(runner, stage, float_live, by_key, keys) -> list[dict[str, np.ndarray]]:
+    """Advance the float model through ``stage`` and return, per batch, the float values the
+    stage's block reconstruction fits: its outputs, or for the last stage the inputs of its
+    output projection."""
+    from .blockwise import _float_outputs
+
+    wanted = _float_outputs(stage, list(runner.model.graph.outputs), {k: by_key[k] for k in keys})
+    targets: list[dict[str, np.ndarray]] = [{} for _ in float_live]
+    if not wanted and not stage.outputs:  # nothing to fit, nothing to hand on
+        return targets
+
+    def collect(i, captured):
+        targets[i].update(captured)
+
+    runner.run_stage(stage, float_live, wanted, on_batch=collect, keep_outputs=True)
+    return targets

@@ -1,19 +1,30 @@
-"""End-to-end tuning of what a quantized model keeps in float, against the float model.
+"""End-to-end tuning of what a quantized model can change without new codes, against the float
+model.
 
 After layer-by-layer quantization (GPTQ/AWQ, each layer judged on its own output) every
 layer's small error is fixed in place; nothing has looked at the model's output. This step
 runs the whole graph in torch (:mod:`.torch_graph`) with the quantized weights and fits, by
-Adam on KL(float model || quantized model) over the calibration batches:
+Adam on KL(float model || quantized model) over the calibration batches, for every quantized
+weight ``W_hat[K, N]`` the rank-one correction ``diag(r) W_hat diag(c)``:
 
-- one multiplier per output column of every quantized weight. It is folded into that
-  column's stored scales (the fp16 scales, or the super-scales of hierarchical formats), so
-  the file format and its size do not change;
-- the 1-D float parameters the graph keeps (RMSNorm/LayerNorm weights, biases), written back
-  into their initializers.
+- ``c[N]``, one multiplier per output column, folded into that column's stored scales (the
+  fp16 scales, or the super-scales of hierarchical formats);
+- ``r[K]``, one multiplier per input channel, folded into the weight's ``input_scale``
+  (docs/FORMAT.md; K fp16 values more per matrix, < 0.03 bits per weight), when
+  ``input_channels`` is on;
 
-Codes and zero points stay as quantized. Measured on SmolLM2 (docs/ACCURACY.md) this recovers
-a large part of the loss that layer-wise methods leave; it costs a forward and backward pass
-of the model per calibration batch and step (``--device cuda`` runs it on a GPU).
+and the 1-D float parameters the graph keeps (RMSNorm/LayerNorm weights, biases), written back
+into their initializers. With ``rounding`` the codes of
+uniform grids are tuned too: each code may move by one step, decided by sign gradient descent
+on an offset ``v`` in [-1, 1] per weight (the code becomes ``clamp(q + round(v))``, gradients
+passed straight through the rounding, as AutoRound does per block; here against the model's
+output). Zero points stay as quantized, so the format and (but for ``input_scale``) the size
+do not change.
+
+Cost: the multipliers act on each node's input and output (``y = ((x * r) @ W_hat) * c``), so
+the backward pass needs no weight gradients; the float model's log-probabilities are computed
+once per batch and kept (up to ``TEACHER_CACHE_BYTES``). One step is then about a forward and
+an input-gradient pass of the model on one calibration batch.
 """
 
 from __future__ import annotations
@@ -25,12 +36,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..format import QuantizedWeight, dequantize, hierarchical_scales
-from ..passes import WeightKey
+from ..passes import LinearMatch, WeightKey
 from ..passes.subgraph import backward_slice
 from ..quantize.grid import round_scales
 from .torch_graph import TorchStage
 
-COLUMN_RANGE = (0.5, 2.0)  # a column multiplier is a correction, never a sign flip
+MULTIPLIER_RANGE = (0.5, 2.0)  # a multiplier is a correction, never a sign flip
+TEACHER_CACHE_BYTES = 3e9  # float-model log-probs kept in memory (fp16) up to this size
 
 
 @dataclasses.dataclass
@@ -40,6 +52,7 @@ class EndToEndReport:
     kl_last: float  # ... and over the last pass
     float_parameters: int  # 1-D float parameters tuned
     columns: int  # column multipliers tuned
+    input_channels: int  # input-channel multipliers tuned
     seconds: float
     device: str
 
@@ -55,6 +68,13 @@ def scale_columns(q: QuantizedWeight, c: np.ndarray) -> QuantizedWeight:
         scales = hierarchical_scales(sup, q.sub_scales, q.fmt.super_group)
         return dataclasses.replace(q, super_scales=sup, scales=scales)
     return dataclasses.replace(q, scales=round_scales(q.scales * c, q.scale_dtype))
+
+
+def scale_inputs(q: QuantizedWeight, r: np.ndarray) -> QuantizedWeight:
+    """``q`` with input channel k multiplied by ``r[k]`` (its input_scale, in the stored
+    dtype)."""
+    old = np.ones(q.fmt.K, np.float32) if q.input_scale is None else q.input_scale
+    return dataclasses.replace(q, input_scale=round_scales(old * r, q.scale_dtype))
 
 
 def tunable_floats(model: ir.Model, quantized: set[str]) -> list[ir.Value]:
@@ -77,74 +97,166 @@ def _logits_value(model: ir.Model) -> ir.Value:
     raise ValueError("end-to-end tuning needs a model with a 'logits' output")
 
 
+class _Rounding:
+    """Tunable codes of one uniform-grid weight: ``clamp(q + round(v))`` with ``v`` in
+    [-1, 1], the dequantized weight in the initializer's orientation."""
+
+    def __init__(self, torch, key: WeightKey, q: QuantizedWeight, dev):
+        f = q.fmt
+        group_of_k = np.arange(f.K) // f.group
+        self.key, self.q, self.torch = key, q, torch
+        self.codes = torch.from_numpy(q.codes.astype(np.float32)).to(dev)
+        self.scales = torch.from_numpy(q.scales[:, group_of_k].astype(np.float32)).to(dev)
+        zp = q.effective_zero_points.astype(np.float32)[:, group_of_k]
+        self.zero = torch.from_numpy(zp).to(dev)
+        rows = 1.0 if q.input_scale is None else q.input_scale.astype(np.float32)[None, :]
+        self.scales = self.scales * torch.as_tensor(rows, device=dev) / float(key.alpha)
+        self.offset = torch.zeros_like(self.codes, requires_grad=True)
+        self.qmax = float(f.code_levels - 1)
+
+    def weight(self):
+        v = self.offset
+        step = (v.round() - v).detach() + v  # straight through the rounding
+        w_nk = self.scales * ((self.codes + step).clamp(0.0, self.qmax) - self.zero)
+        return w_nk if self.key.transposed else w_nk.T
+
+    def tuned(self) -> QuantizedWeight:
+        with self.torch.no_grad():
+            codes = (self.codes + self.offset.round()).clamp(0.0, self.qmax)
+        return dataclasses.replace(self.q, codes=codes.cpu().numpy().astype(np.uint8))
+
+
+def _node_wrapper(m: LinearMatch, c, r):
+    """The function run in place of ``m``'s node: its weight read as diag(r) W diag(c)."""
+    if m.rule == "gather":  # rows of E = W^T: row n scaled by c[n], channel k by r[k]
+
+        def gather(op, args, attrs):
+            rows = op(args, attrs)[0]
+            idx = args[1].long() % c.shape[0]
+            rows = rows * c[idx][..., None]
+            return [rows * r if r is not None else rows]
+
+        return gather
+
+    def linear(op, args, attrs):
+        x = args[0] * r if r is not None else args[0]
+        rest = [x, *args[1:2]]
+        y = op(rest, attrs)[0] * c  # Gemm: alpha * A @ B; its bias is added after
+        if len(args) > 2 and args[2] is not None:
+            y = y + attrs.get("beta", 1.0) * args[2]
+        return [y]
+
+    return linear
+
+
 def tune_end_to_end(
     model: ir.Model,
     weights: dict[WeightKey, QuantizedWeight],
+    matches: list[LinearMatch],
     feeds: list[dict[str, np.ndarray]],
     *,
-    epochs: int = 6,
+    epochs: int = 2,
     lr: float = 2e-3,
+    input_channels: bool = True,
+    rounding: bool = False,
     device: str = "cpu",
     seed: int = 0,
     progress=None,
 ) -> tuple[dict[WeightKey, QuantizedWeight], dict[str, np.ndarray], EndToEndReport]:
-    """Tuned weights (scales changed), new values of the tuned float initializers, report."""
+    """Tuned weights (scales and input scales changed), new values of the tuned float
+    initializers, report. ``matches``: every node reading a quantized weight."""
     import torch
 
     start = time.perf_counter()
     logits = _logits_value(model)
-    nodes = backward_slice([logits])
-    graph = TorchStage(nodes, list(model.graph.inputs), [logits], device=device)
+    graph = TorchStage(backward_slice([logits]), list(model.graph.inputs), [logits], device)
     dev = graph.device
     inits = model.graph.initializers
 
     # quantized weights as seen by the graph: dequantized, in the initializer's orientation
-    columns, frozen = {}, {}
+    frozen = {}
+    columns, rows = {}, {}
     for key, q in weights.items():
         w = dequantize(q) / np.float32(key.alpha)
-        frozen[key] = torch.from_numpy(np.ascontiguousarray(w.T if key.transposed else w)).to(dev)
+        frozen[key.initializer] = torch.from_numpy(
+            np.ascontiguousarray(w.T if key.transposed else w)
+        ).to(dev)
         columns[key] = torch.ones(q.fmt.N, device=dev, requires_grad=True)
+        if input_channels:
+            rows[key] = torch.ones(q.fmt.K, device=dev, requires_grad=True)
+    wrap = {
+        m.node.outputs[0].name: _node_wrapper(m, columns[m.key], rows.get(m.key))
+        for m in matches
+        if m.key in weights
+    }
     floats = tunable_floats(model, {k.initializer for k in weights})
     float_params = {
         v.name: torch.tensor(v.const_value.numpy(), device=dev, requires_grad=True)
         for v in floats
         if v.name in graph.constants
     }
-    params = [*columns.values(), *float_params.values()]
-    opt = torch.optim.Adam(params, lr=lr)
-
-    def substituted() -> dict:
-        subs = dict(float_params)
-        for key, w in frozen.items():
-            c = columns[key]
-            subs[key.initializer] = w * (c[:, None] if key.transposed else c[None, :])
-        return subs
+    multipliers = [*columns.values(), *rows.values()]
+    opt = torch.optim.Adam([*multipliers, *float_params.values()], lr=lr)
+    rounders = {}
+    if rounding:
+        rounders = {
+            k.initializer: _Rounding(torch, k, q, dev)
+            for k, q in weights.items()
+            if q.codebook is None
+        }
 
     def tensors(f):
         return {n: torch.from_numpy(np.asarray(f[n])).to(dev) for n in graph.input_names}
 
+    def teacher(f):
+        with torch.no_grad():
+            return torch.log_softmax(graph(tensors(f))[logits.name].float(), dim=-1)
+
+    # the float model's log-probs, once per batch when they fit in memory
+    vocab = int(logits.shape[-1]) if logits.shape and isinstance(logits.shape[-1], int) else 0
+    tokens_total = sum(int(np.asarray(f["input_ids"]).size) for f in feeds if "input_ids" in f)
+    cache = None
+    if vocab and 2 * vocab * tokens_total <= TEACHER_CACHE_BYTES:
+        cache = [teacher(f).half() for f in feeds]
+
     steps = max(1, epochs) * len(feeds)
+    round_lr = 1.5 / steps  # a code moves only where the gradient's sign mostly agrees
     rng = np.random.default_rng(seed)
     order = [int(j) for _ in range(max(1, epochs)) for j in rng.permutation(len(feeds))]
     kls: list[float] = []
+    subs = {**frozen, **float_params}
     for step in progress(range(steps)) if progress else range(steps):
-        f = tensors(feeds[order[step]])
-        with torch.no_grad():
-            target = torch.log_softmax(graph(f)[logits.name].float(), dim=-1)
-        out = torch.log_softmax(graph(f, substituted())[logits.name].float(), dim=-1)
+        f = feeds[order[step]]
+        target = cache[order[step]].float() if cache is not None else teacher(f)
+        if rounders:
+            subs.update({name: r.weight() for name, r in rounders.items()})
+        out = torch.log_softmax(graph(tensors(f), subs, wrap=wrap)[logits.name].float(), dim=-1)
         tokens = out.numel() // out.shape[-1]
         loss = (target.exp() * (target - out)).sum() / tokens
         opt.zero_grad()
+        for r in rounders.values():
+            r.offset.grad = None
         loss.backward()
+        decay = 1.0 - step / steps
         for group in opt.param_groups:
-            group["lr"] = lr * (1.0 - step / steps)
+            group["lr"] = lr * decay
         opt.step()
         with torch.no_grad():
-            for c in columns.values():
-                c.clamp_(*COLUMN_RANGE)
+            for p in multipliers:
+                p.clamp_(*MULTIPLIER_RANGE)
+            for r in rounders.values():
+                if r.offset.grad is not None:
+                    r.offset.sub_(round_lr * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
         kls.append(loss.item())
 
-    tuned = {k: scale_columns(q, columns[k].detach().cpu().numpy()) for k, q in weights.items()}
+    tuned = {}
+    for key, q in weights.items():
+        if key.initializer in rounders:
+            q = rounders[key.initializer].tuned()
+        q = scale_columns(q, columns[key].detach().cpu().numpy())
+        if key in rows:
+            q = scale_inputs(q, rows[key].detach().cpu().numpy())
+        tuned[key] = q
     new_floats = {
         name: p.detach().cpu().numpy().astype(inits[name].const_value.dtype.numpy())
         for name, p in float_params.items()
@@ -156,6 +268,7 @@ def tune_end_to_end(
         kl_last=float(np.mean(kls[-n:])),
         float_parameters=int(sum(p.numel() for p in float_params.values())),
         columns=int(sum(c.numel() for c in columns.values())),
+        input_channels=int(sum(r.numel() for r in rows.values())),
         seconds=time.perf_counter() - start,
         device=str(dev),
     )

@@ -500,18 +500,24 @@ class TorchStage:
             produced.update(outs)
             self.program.append((fn, names, outs, _attributes(node), node.name))
 
-    def __call__(self, feeds: dict, substitutes: dict | None = None, keep=(), hook=None) -> dict:
+    def __call__(
+        self, feeds: dict, substitutes: dict | None = None, keep=(), hook=None, wrap=None
+    ) -> dict:
         """The stage outputs (and the intermediate values named in ``keep``) for ``feeds``.
         ``hook(name, tensor) -> tensor``, when given, sees every value named in ``keep`` as it
-        is produced (e.g. to make it a leaf that requires grad, or to retain its grad)."""
+        is produced (e.g. to make it a leaf that requires grad, or to retain its grad).
+        ``wrap`` maps a node's first output name to ``f(op, inputs, attrs) -> outputs``, run
+        in place of the node's op (e.g. to scale what one node reads or writes)."""
         keep_set = set(keep)
+        wrap = wrap or {}
         values = dict(self.constants)
         values.update(substitutes or {})
         values.update(feeds)
         for fn, names, outs, attrs, name in self.program:
             args = [values[n] if n is not None else None for n in names]
             try:
-                results = fn(args, attrs)
+                around = wrap.get(outs[0]) if outs else None
+                results = around(fn, args, attrs) if around else fn(args, attrs)
             except UnsupportedOp:
                 raise
             except Exception as e:  # a shape or type the op cannot take: name the node
