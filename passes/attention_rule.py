@@ -14,10 +14,10 @@ downstream of the value cache.
 check: head counts divide, the rotary embedding is the non-interleaved rotate-half form, and
 its cos/sin depend only on position_ids.
 replace: GQA(q, k, v, past k, past v, seqlens_k, total_sequence_length, cos_cache,
-sin_cache, position_ids) feeding the o projection and the present outputs.
-
-Assumption (documented for users): sequences are not left-padded (the attention mask's row
-sums are the sequence lengths), which is how batch-1 generation runs.
+sin_cache, position_ids, attention_bias, query_seqlens) feeding the o projection and the
+present outputs. The lengths and the bias come from the attention mask as
+:mod:`.attention_mask` describes, so any mask (left or right padding, holes, KV-cache steps
+of one or more tokens) gives the export's own result.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from .attention_mask import mask_nodes
 from .subgraph import (
     backward_slice,
     constant_value,
@@ -259,12 +260,15 @@ class SharedInputs:
     total_length: ir.Value
     cos_cache: ir.Value
     sin_cache: ir.Value
-    position_ids: ir.Value | None
+    position_ids: ir.Value
+    attention_bias: ir.Value
+    query_seqlens: ir.Value
 
 
 def _shared_inputs(graph: ir.Graph, m: AttentionMatch, opset: int, max_pos: int) -> SharedInputs:
-    """Nodes and constants every GQA node reads: lengths from the attention mask, rotary
-    caches computed by running the export's own rotary subgraph over all positions."""
+    """Nodes and constants every GQA node reads: lengths and bias from the attention mask
+    (:mod:`.attention_mask`), rotary caches computed by running the export's own rotary
+    subgraph over all positions."""
     inputs = {v.name: v for v in graph.inputs}
     mask = inputs.get("attention_mask")
     position_ids = inputs.get("position_ids")
@@ -292,42 +296,9 @@ def _shared_inputs(graph: ir.Graph, m: AttentionMatch, opset: int, max_pos: int)
         graph.register_initializer(cos_cache)
         graph.register_initializer(sin_cache)
 
-    def const(name, array):
-        v = ir.Value(name=name, const_value=ir.tensor(array))
-        graph.register_initializer(v)
-        return v
-
-    one = const("quantx.attn.one", np.array([1], np.int64))
-    axis1 = const("quantx.attn.axis1", np.array([1], np.int64))
-    nodes = [
-        ir.node("ReduceSum", [mask, axis1], attributes={"keepdims": 0}, name="quantx/attn/len"),
-    ]
-    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="quantx/attn/len_minus_1"))
-    nodes.append(
-        ir.node(
-            "Cast",
-            [nodes[-1].outputs[0]],
-            attributes={"to": ir.DataType.INT32},
-            name="quantx/attn/seqlens_k",
-        )
-    )
-    seqlens_k = nodes[-1].outputs[0]
-    nodes.append(
-        ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="quantx/attn/total_shape")
-    )
-    nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0]], name="quantx/attn/total_scalar"))
-    nodes.append(
-        ir.node(
-            "Cast",
-            [nodes[-1].outputs[0]],
-            attributes={"to": ir.DataType.INT32},
-            name="quantx/attn/total_length",
-        )
-    )
-    total = nodes[-1].outputs[0]
-    first = next(iter(graph))
-    graph.insert_before(first, nodes)
-    return SharedInputs(seqlens_k, total, cos_cache, sin_cache, position_ids)
+    nodes, (seqlens_k, total, query_lengths, bias) = mask_nodes(graph, mask, position_ids, dtype)
+    graph.insert_before(next(iter(graph)), nodes)
+    return SharedInputs(seqlens_k, total, cos_cache, sin_cache, position_ids, bias, query_lengths)
 
 
 def _computed_caches(graph, m, position_ids, max_pos, half, dtype, opset, want):
@@ -423,6 +394,13 @@ def replace(graph: ir.Graph, m: AttentionMatch, shared: SharedInputs) -> ir.Node
             shared.cos_cache,
             shared.sin_cache,
             shared.position_ids,
+            shared.attention_bias,
+            None,  # head_sink
+            None,  # k_scale
+            None,  # v_scale
+            None,  # q_norm_weight
+            None,  # k_norm_weight
+            shared.query_seqlens,
         ],
         attributes=attrs,
         domain=MS_DOMAIN,

@@ -26,10 +26,14 @@ def _stages(folder, fused):
     return model, StageRunner(model, lambda: session_options(threads=1))
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_every_stage_matches_onnx_runtime(tiny_llama, fused):
+def test_every_stage_matches_onnx_runtime(tiny_llama, fused, padded):
     model, runner = _stages(tiny_llama, fused)
     feeds = llm_feeds(quantx_session(tiny_llama / "model.onnx"), seq=11, batch=2, seed=3)
+    if padded:  # the second row left-padded by 4 (the fused graph's attention_bias path)
+        feeds["attention_mask"][1, :4] = 0
+        feeds["position_ids"][1] = np.maximum(np.arange(11) - 4, 0)
     live = [dict(feeds)]
     checked = 0
     for stage in runner.stages:

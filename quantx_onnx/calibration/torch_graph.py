@@ -318,13 +318,19 @@ def _min(x, a):
 def _group_query_attention(x, a):
     """GroupQueryAttention for the cases the attention rule writes: float q/k/v [B, S, *], KV
     cache [B, kv, P, D], rotate-half rotary from cos/sin caches [positions, D/2] at
-    position_ids (or past + arange), causal over past + new tokens. Rows whose seqlens_k say
-    they are padded are refused rather than computed differently from ORT."""
+    position_ids (or past + arange), causal over past + new tokens, plus attention_bias
+    [B, 1, S, P + S] when given (a query with every key masked by it reads zeros, as in ORT).
+    Rows whose seqlens_k or query_seqlens say they are padded are refused rather than computed
+    differently from ORT."""
     torch = _torch()
     q, k, v, past_k, past_v, seqlens_k, total = x[:7]
     cos_cache = x[7] if len(x) > 7 else None
     sin_cache = x[8] if len(x) > 8 else None
     position_ids = x[9] if len(x) > 9 else None
+    bias = x[10] if len(x) > 10 else None
+    query_lengths = x[16] if len(x) > 16 else None
+    if any(t is not None for t in x[11:16]):
+        raise UnsupportedOp("GroupQueryAttention with head sinks, KV scales or QK norms")
     heads, kv_heads = a["num_heads"], a["kv_num_heads"]
     B, S, _ = q.shape
     D = q.shape[-1] // heads
@@ -332,6 +338,8 @@ def _group_query_attention(x, a):
     lengths = seqlens_k.reshape(-1).long() + 1
     if bool((lengths != P + S).any()) or int(total.reshape(-1)[0]) != P + S:
         raise UnsupportedOp("GroupQueryAttention over padded rows")
+    if query_lengths is not None and bool((query_lengths.reshape(-1) != S).any()):
+        raise UnsupportedOp("GroupQueryAttention over right-padded query rows")
     q = q.reshape(B, S, heads, D).transpose(1, 2)
     k = k.reshape(B, S, kv_heads, D).transpose(1, 2)
     v = v.reshape(B, S, kv_heads, D).transpose(1, 2)
@@ -358,15 +366,22 @@ def _group_query_attention(x, a):
     scale = a.get("scale", 0.0) or 1.0 / math.sqrt(D)
     kk = k.repeat_interleave(rep, dim=1)
     vv = v.repeat_interleave(rep, dim=1)
-    if P == 0:  # prefill from an empty cache (calibration): the fused causal kernel
+    if bias is not None and not bool(bias.any()):
+        bias = None  # an all-ones mask (calibration): nothing to add
+    if P == 0 and bias is None:  # prefill from an empty cache (calibration): the fused kernel
         out = torch.nn.functional.scaled_dot_product_attention(
             q, kk, vv, is_causal=True, scale=scale
         )
     else:
         scores = (q @ kk.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
         causal = torch.ones(S, P + S, dtype=torch.bool, device=q.device).tril(P)
         scores = scores.masked_fill(~causal, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ vv
+        if bias is not None:  # ORT outputs zeros for a query whose every key is masked
+            dead = scores.amax(dim=-1, keepdim=True) <= torch.finfo(scores.dtype).min
+            out = out.masked_fill(dead, 0.0)
     return [out.transpose(1, 2).reshape(B, S, heads * D), present_k, present_v]
 
 
