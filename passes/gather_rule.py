@@ -10,19 +10,48 @@ import onnx_ir as ir
 
 from quantx_onnx.format import DOMAIN, OP_GATHER
 
-from .rule import LinearMatch, Rule, constant_2d_initializer, weight_dtype_problem
+from .rule import (
+    FLOAT_TYPES,
+    LinearMatch,
+    Rule,
+    constant_2d_initializer,
+    constant_dtype,
+    is_constant,
+    unusable_weight,
+    weight_dtype_problem,
+)
+
+
+def _is_gather(node: ir.Node) -> bool:
+    return node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+
+
+def _axis(node: ir.Node) -> int:
+    axis = node.attributes.get("axis")
+    return 0 if axis is None else axis.as_int()
 
 
 def pattern(node: ir.Node) -> LinearMatch | None:
-    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    axis = node.attributes.get("axis")
-    if axis is not None and axis.as_int() != 0:
+    if not _is_gather(node):
         return None
     table = constant_2d_initializer(node.inputs[0])
-    if table is None:
+    if table is None or _axis(node) % 2:  # axis 0 of the 2-D table (or -2)
         return None
     return LinearMatch("gather", node, table, transposed=True)
+
+
+def why_not(node: ir.Node) -> tuple[str, str] | None:
+    """Only float tables are reported: Gathers over integer constants are shape arithmetic."""
+    if not _is_gather(node) or not is_constant(node.inputs[0]):
+        return None
+    table = node.inputs[0]
+    if constant_dtype(table) not in FLOAT_TYPES:
+        return None
+    if constant_2d_initializer(table) is not None:
+        return table.name, (
+            f"Gather on axis {_axis(node)} (only row lookups, axis 0, are quantized)"
+        )
+    return unusable_weight(table)
 
 
 def check(match: LinearMatch) -> str | None:
@@ -44,4 +73,4 @@ def replace(
     return [node]
 
 
-RULE = Rule("gather", pattern, check, replace)
+RULE = Rule("gather", pattern, check, replace, why_not)

@@ -13,7 +13,14 @@ import onnx_ir as ir
 
 from quantx_onnx.format import DOMAIN, OP_MATMUL, TENSOR_ORDER
 
-from .rule import LinearMatch, Rule, constant_2d_initializer, weight_dtype_problem
+from .rule import (
+    LinearMatch,
+    Rule,
+    constant_2d_initializer,
+    is_constant,
+    unusable_weight,
+    weight_dtype_problem,
+)
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -59,6 +66,17 @@ def check(match: LinearMatch) -> str | None:
     return weight_dtype_problem(match.weight)
 
 
+def why_not(node: ir.Node) -> tuple[str, str] | None:
+    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    a, b = node.inputs[:2]
+    if found := unusable_weight(b):
+        return found
+    if is_constant(a) and not is_constant(b):
+        return a.name, "the constant is the first input A; only the weight B is quantized"
+    return None
+
+
 def replace(
     match: LinearMatch, weight_inputs: list[ir.Value | None], attributes: dict
 ) -> list[ir.Node]:
@@ -88,4 +106,4 @@ def replace(
     return nodes
 
 
-RULE = Rule("gemm", pattern, check, replace)
+RULE = Rule("gemm", pattern, check, replace, why_not)

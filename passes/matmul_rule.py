@@ -10,7 +10,15 @@ import onnx_ir as ir
 
 from quantx_onnx.format import DOMAIN, OP_MATMUL
 
-from .rule import LinearMatch, Rule, constant_2d_initializer, is_2d_transpose, weight_dtype_problem
+from .rule import (
+    LinearMatch,
+    Rule,
+    constant_2d_initializer,
+    is_2d_transpose,
+    is_constant,
+    unusable_weight,
+    weight_dtype_problem,
+)
 
 
 def pattern(node: ir.Node) -> LinearMatch | None:
@@ -41,6 +49,17 @@ def check(match: LinearMatch) -> str | None:
     return None
 
 
+def why_not(node: ir.Node) -> tuple[str, str] | None:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if found := unusable_weight(b):
+        return found
+    if is_constant(a) and not is_constant(b):
+        return a.name, "the constant is the first input (W @ x); only x @ W is quantized"
+    return None
+
+
 def replace(
     match: LinearMatch, weight_inputs: list[ir.Value | None], attributes: dict
 ) -> list[ir.Node]:
@@ -55,4 +74,4 @@ def replace(
     return [node]
 
 
-RULE = Rule("matmul", pattern, check, replace)
+RULE = Rule("matmul", pattern, check, replace, why_not)

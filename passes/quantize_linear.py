@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common_passes
 from quantx_onnx.format import DOMAIN, OP_VERSION, TENSOR_ORDER, QuantizedWeight, pack, packed_bytes
 
 from . import gather_rule, gemm_rule, matmul_rule
-from .rule import LinearMatch, Rule, WeightKey, weight_array
+from .rule import LinearMatch, Rule, WeightKey, node_name, weight_array
 
 DEFAULT_RULES: tuple[Rule, ...] = (matmul_rule.RULE, gemm_rule.RULE, gather_rule.RULE)
 
@@ -66,6 +66,20 @@ class LinearPassReport:
     def skipped(self) -> list[NodeOutcome]:
         return [n for n in self.nodes if not n.rewritten]
 
+    def skip_reasons(self, names: int = 3) -> list[str]:
+        """One line per distinct reason nodes were left in float, with how many and which
+        (the first ``names``), then the MatMul/Gemm nodes that read no constant weight."""
+        by_reason: dict[str, list[str]] = {}
+        for n in self.skipped:
+            by_reason.setdefault(n.reason, []).append(n.node)
+        lines = []
+        for reason, nodes in by_reason.items():
+            more = f" and {len(nodes) - names} more" if len(nodes) > names else ""
+            lines.append(f"{reason}: {len(nodes)} x ({', '.join(nodes[:names])}{more})")
+        for op, count in sorted(self.untouched.items()):
+            lines.append(f"{count} {op} with no constant weight (activation x activation)")
+        return lines
+
 
 WEIGHT_OPS = ("MatMul", "Gemm")  # Gathers over activations (shapes) are not worth listing
 
@@ -73,29 +87,28 @@ WEIGHT_OPS = ("MatMul", "Gemm")  # Gathers over activations (shapes) are not wor
 def find_matches(
     graph: ir.Graph, rules: Iterable[Rule], excluded: Callable[[LinearMatch], bool] | None
 ) -> tuple[list[tuple[Rule, LinearMatch]], list[NodeOutcome], dict[str, int]]:
-    """Matches that may be rewritten, outcomes for those that may not (with why), and counts
-    of weight-op types that no rule matched (activation x activation MatMuls, Gathers over
-    activations)."""
+    """Matches that may be rewritten; outcomes, with why, for every node that reads a constant
+    weight and may not be (a check failed, --exclude, or no rule takes that form of weight:
+    3-D, a Gather on axis 1, ...); and counts of MatMul/Gemm nodes that read no constant at
+    all (activation x activation, as in attention)."""
     accepted, skipped, untouched = [], [], {}
     for node in graph:
-        if not any(r.pattern(node) for r in rules):
-            if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx"):
+        found = next(((r, m) for r in rules if (m := r.pattern(node)) is not None), None)
+        if found is None:
+            why = next((w for r in rules if (w := r.why_not(node)) is not None), None)
+            if why is not None:
+                skipped.append(NodeOutcome(node_name(node), node.op_type, why[0], False, why[1]))
+            elif node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx"):
                 untouched[node.op_type] = untouched.get(node.op_type, 0) + 1
             continue
-        for rule in rules:
-            match = rule.pattern(node)
-            if match is None:
-                continue
-            reason = rule.check(match)
-            if reason is None and excluded is not None and excluded(match):
-                reason = "excluded by --exclude"
-            if reason is None:
-                accepted.append((rule, match))
-            else:
-                skipped.append(
-                    NodeOutcome(match.name, node.op_type, match.weight.name, False, reason)
-                )
-            break
+        rule, match = found
+        reason = rule.check(match)
+        if reason is None and excluded is not None and excluded(match):
+            reason = "excluded by --exclude"
+        if reason is None:
+            accepted.append((rule, match))
+        else:
+            skipped.append(NodeOutcome(match.name, node.op_type, match.weight.name, False, reason))
     return accepted, skipped, untouched
 
 

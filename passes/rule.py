@@ -45,12 +45,16 @@ class LinearMatch:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name or self.node.op_type
+        return node_name(self.node)
 
     def weight_shape(self) -> tuple[int, int]:
         """(K, N) of the logical weight."""
         rows, cols = self.weight.shape.numpy() if self.weight.shape else (0, 0)
         return (cols, rows) if self.transposed else (rows, cols)
+
+
+def node_name(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name or node.op_type
 
 
 def constant_2d_initializer(value: ir.Value | None) -> ir.Value | None:
@@ -78,6 +82,51 @@ def is_2d_transpose(node: ir.Node | None) -> bool:
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """An initializer (overridable or not) or a Constant node's output."""
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant" and not node.inputs
+
+
+def constant_dtype(value: ir.Value) -> ir.DataType | None:
+    """The element type of a constant (see ``is_constant``)."""
+    if value.const_value is not None:
+        return value.const_value.dtype
+    attr = value.producer().attributes.get("value")
+    return attr.as_tensor().dtype if attr is not None else None
+
+
+def unusable_weight(value: ir.Value | None) -> tuple[str, str] | None:
+    """(weight name, why it cannot be quantized) for a constant that a weight input reads but
+    that ``constant_2d_initializer`` refuses, directly or through a Transpose; None when
+    ``value`` is not constant at all (an activation)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is not None and node.op_type == "Transpose" and is_constant(node.inputs[0]):
+        inner = unusable_weight(node.inputs[0])
+        if inner is not None or is_2d_transpose(node):
+            return inner
+        return node.inputs[
+            0
+        ].name, f"weight is read through a Transpose perm={transpose_perm(node)}"
+    if not is_constant(value):
+        return None
+    name = value.name or "?"
+    if value.const_value is None:
+        return name, "weight is a Constant node's output, not an initializer"
+    if value.is_graph_input():
+        return name, "weight is also a graph input (it can be replaced at run time)"
+    rank = len(value.const_value.shape)
+    if rank != 2:
+        return name, f"constant weight is {rank}-D (only 2-D weights are quantized)"
+    return None
+
+
 def weight_dtype_problem(weight: ir.Value) -> str | None:
     dtype = weight.const_value.dtype
     if dtype not in FLOAT_TYPES:
@@ -95,13 +144,20 @@ def weight_array(weight: ir.Value, key: WeightKey) -> np.ndarray:
     return w
 
 
+def _no_reason(node: ir.Node) -> tuple[str, str] | None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """pattern(node) -> LinearMatch | None; check(match) -> reason to skip | None;
     replace(match, weight_inputs, attributes) -> new nodes in order; the first output of the
-    last one takes the place of the matched node's output (the driver rewires it)."""
+    last one takes the place of the matched node's output (the driver rewires it);
+    why_not(node) -> (weight name, reason) for a node of the rule's op that pattern refused
+    although it reads a constant weight, None when it reads none (it is no weight op)."""
 
     name: str
     pattern: Callable[[ir.Node], LinearMatch | None]
     check: Callable[[LinearMatch], str | None]
     replace: Callable[[LinearMatch, list[ir.Value | None], dict], list[ir.Node]]
+    why_not: Callable[[ir.Node], tuple[str, str] | None] = _no_reason

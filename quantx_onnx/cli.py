@@ -252,7 +252,7 @@ def _optimize_summary(report) -> str:
             lines.append(f"    layer {layer} kept as exported: {why}")
     if lin.untouched:
         left = ", ".join(f"{c} {op}" for op, c in sorted(lin.untouched.items()))
-        lines.append(f"  left as is (no constant weight, e.g. attention): {left}")
+        lines.append(f"  left as is (no constant weight: activation x activation): {left}")
     params = report.quantized_weights
     lines.append(
         f"  weights: {params / 1e6:.1f}M parameters at {report.bits_per_weight:.3f} bits/weight"

@@ -74,6 +74,7 @@ class OptimizeReport:
             "end_to_end": self.tuning,
             "attention_fused_layers": self.attention.fused,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
+            "no_constant_weight": self.linear.untouched,  # op -> count (activation x activation)
             "weights": self.weights,
         }
 
@@ -414,10 +415,10 @@ def optimize(
             make_tensor=spill or in_memory,
         )
         if not linear.rewritten:
-            why = "; ".join(sorted({f"{n.node}: {n.reason}" for n in linear.skipped})[:5])
+            why = "; ".join(linear.skip_reasons()) or "the graph has no MatMul, Gemm or Gather"
             raise NothingToQuantize(
-                f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize"
-                + (f" (skipped: {why})" if why else "")
+                f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize "
+                f"({why})"
             )
         with model_io.staged_output(out_model) as stage:
             staged = stage / out_model.name

@@ -198,6 +198,100 @@ def test_skips_are_reported_with_reasons(tmp_path, rng):
     assert any(i.name == "w" for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer)
 
 
+def test_weights_no_rule_takes_are_reported_with_their_form(tmp_path, rng):
+    """Nodes reading a constant weight in a form no rule rewrites are listed with that form,
+    not as "no constant weight"; a Gather on axis -2 is a row lookup and is rewritten."""
+    w3 = rng.standard_normal((2, 32, 16)).astype(np.float32)
+    e = rng.standard_normal((40, 32)).astype(np.float32)
+    w = rng.standard_normal((8, 2)).astype(np.float32)
+    shape_table = np.array([1, 2, 3, 4], np.int64)  # shape arithmetic, not a weight
+    nodes = [
+        helper.make_node("MatMul", ["x", "w3"], ["y3"], name="batched_weight"),
+        helper.make_node("Gather", ["e", "cols"], ["ec"], name="column_lookup", axis=1),
+        helper.make_node("Gather", ["e", "ids"], ["er"], name="row_lookup", axis=-2),
+        helper.make_node("MatMul", ["w", "x2"], ["yl"], name="weight_on_the_left"),
+        helper.make_node("Gather", ["shape_table", "ids2"], ["s"], name="shape_arith"),
+    ]
+    m = _model(
+        nodes,
+        [
+            _vi("x", [2, 5, 32]),
+            _vi("cols", [3], TensorProto.INT64),
+            _vi("ids", [3], TensorProto.INT64),
+            _vi("x2", [2, 4]),
+            _vi("ids2", [1], TensorProto.INT64),
+        ],
+        [
+            _vi("y3", [2, 5, 16]),
+            _vi("ec", [40, 3]),
+            _vi("er", [3, 32]),
+            _vi("yl", [8, 4]),
+            _vi("s", [1], TensorProto.INT64),
+        ],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w3, "w3"), (e, "e"), (w, "w"), (shape_table, "shape_table"))
+        ],
+    )
+    src = _save(m, tmp_path / "m.onnx")
+    report = optimize(src, tmp_path / "q.onnx", FLOAT)
+    skipped = {n.node: (n.op_type, n.weight, n.reason) for n in report.linear.skipped}
+    assert skipped == {
+        "batched_weight": (
+            "MatMul",
+            "w3",
+            "constant weight is 3-D (only 2-D weights are quantized)",
+        ),
+        "column_lookup": (
+            "Gather",
+            "e",
+            "Gather on axis 1 (only row lookups, axis 0, are quantized)",
+        ),
+        "weight_on_the_left": (
+            "MatMul",
+            "w",
+            "the constant is the first input (W @ x); only x @ W is quantized",
+        ),
+    }
+    assert [n.node for n in report.linear.rewritten] == ["row_lookup"]
+    assert report.linear.untouched == {}
+    feeds = {
+        "x": rng.standard_normal((2, 5, 32)).astype(np.float32),
+        "cols": np.array([0, 31, 5]),
+        "ids": np.array([39, 0, 7]),
+        "x2": rng.standard_normal((2, 4)).astype(np.float32),
+        "ids2": np.array([1]),
+    }
+    got = quantx_session(tmp_path / "q.onnx").run(None, feeds)
+    want = _run_float(src, feeds)
+    for i in (0, 1, 3, 4):  # the skipped nodes compute exactly what they did
+        np.testing.assert_array_equal(got[i], want[i])
+    assert rel_err(got[2], want[2]) < 0.1  # the quantized rows
+
+
+def test_nothing_to_quantize_names_every_reason(tmp_path, rng):
+    w3 = rng.standard_normal((2, 32, 16)).astype(np.float32)
+    e = rng.standard_normal((40, 32)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w3"], ["y3"], name="batched_weight"),
+        helper.make_node("Gather", ["e", "cols"], ["ec"], name="column_lookup", axis=1),
+        helper.make_node("MatMul", ["x", "xt"], ["att"], name="scores"),
+    ]
+    m = _model(
+        nodes,
+        [_vi("x", [2, 5, 32]), _vi("xt", [2, 32, 5]), _vi("cols", [3], TensorProto.INT64)],
+        [_vi("y3", [2, 5, 16]), _vi("ec", [40, 3]), _vi("att", [2, 5, 5])],
+        [numpy_helper.from_array(w3, "w3"), numpy_helper.from_array(e, "e")],
+    )
+    with pytest.raises(NothingToQuantize) as err:
+        optimize(_save(m, tmp_path / "m.onnx"), tmp_path / "q.onnx", FLOAT)
+    msg = str(err.value)
+    assert "constant weight is 3-D (only 2-D weights are quantized): 1 x (batched_weight)" in msg
+    assert "Gather on axis 1 (only row lookups, axis 0, are quantized): 1 x (column_lookup)" in msg
+    assert "1 MatMul with no constant weight" in msg
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_nothing_to_quantize(tmp_path):
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], [])
     with pytest.raises(NothingToQuantize, match="no MatMul/Gemm/Gather with a constant weight"):
