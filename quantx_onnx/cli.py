@@ -601,22 +601,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate_as_interrupt(signum, frame):
-    """SIGTERM unwinds like Ctrl-C, so every cleanup (staging folders, spill files) runs."""
-    from .errors import Interrupted
-
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output was removed")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .model_io import check_interrupted, raise_interrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:  # SIGTERM unwinds like Ctrl-C
+        signal.signal(signal.SIGTERM, raise_interrupted)
     except ValueError:  # not the main thread (embedded use): leave signals alone
         pass
     try:
-        return args.run(args)
+        code = args.run(args)
+        check_interrupted()
+        return code
     except QuantXError as e:
         if args.debug:
             traceback.print_exc()

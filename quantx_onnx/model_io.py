@@ -140,19 +140,30 @@ def check_output(source: ModelSource, out: Path) -> Path:
     return target
 
 
+_received: list[int] = []  # signals raise_interrupted has seen in this process
+
+
+def raise_interrupted(signum: int, frame=None):
+    """Signal handler: unwind as Interrupted, so every cleanup (staging folders, spill files)
+    runs. The signal is remembered too, because code that catches every Exception (tqdm
+    starting its monitor thread does) can swallow the raise: see check_interrupted."""
+    _received.append(signum)
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output was removed")
+
+
+def check_interrupted() -> None:
+    """Raise Interrupted if a signal arrived whose exception was swallowed on the way."""
+    if _received:
+        raise_interrupted(_received[0])
+
+
 @contextlib.contextmanager
 def _signals_as_exceptions():
     """SIGTERM/SIGINT raise Interrupted inside the block so staged output is cleaned up."""
-
-    def handler(signum, frame):
-        raise Interrupted(
-            f"interrupted by {signal.Signals(signum).name}; partial output was removed"
-        )
-
     previous = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, raise_interrupted)
     except ValueError:  # not the main thread: leave signals alone
         previous = {}
     try:
@@ -181,6 +192,7 @@ def staged_output(target: Path):
                 if e.errno == errno.ENOSPC:
                     raise OutputError(f"{dest_dir}: no space left on device") from e
                 raise OutputError(f"{dest_dir}: cannot write output ({e.strerror or e})") from e
+            check_interrupted()  # nothing is committed after a signal, even a swallowed one
             files = sorted(stage.rglob("*"), key=lambda f: f.suffix == ".onnx")
             for f in files:
                 if f.is_file():
