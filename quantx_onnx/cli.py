@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -51,7 +52,13 @@ def _add_optimize(sub):
         "into com.quantx nodes with packed low-bit weights.",
     )
     p.add_argument("model", help="a .onnx file or an optimum export folder")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file or folder")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output .onnx file or folder (default: beside the input, MODEL.quantx.onnx for a "
+        "file, FOLDER-quantx/ for a folder; refused if it exists)",
+    )
     p.add_argument("--bits", type=int, default=3, help="bits per weight code: 2, 3, 4 or 8")
     p.add_argument(
         "--group-size",
@@ -220,6 +227,9 @@ def _run_optimize(args) -> int:
         print(report.output)
         return 0
     print(_optimize_summary(report))
+    if args.output is None:
+        where = Path(report.output)
+        print(f"wrote {where.parent if Path(args.model).is_dir() else where} (no -o given)")
     return 0
 
 

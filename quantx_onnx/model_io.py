@@ -121,6 +121,25 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def default_output(source: ModelSource) -> Path:
+    """Where output goes when none is given: beside the input, ``model.quantx.onnx`` for a
+    file, ``<folder>-quantx/`` for an export folder. Refused if it already holds something,
+    so that a second run never replaces an earlier one unasked."""
+    if source.folder is not None:
+        folder = source.folder.resolve()
+        out = folder.with_name(folder.name + "-quantx")
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    else:
+        out = source.model_path.with_name(source.model_path.stem + ".quantx.onnx")
+        taken = out.exists()
+    if taken:
+        raise OutputError(
+            f"{out}: the default output already exists (an earlier run?); remove it or choose "
+            "another with -o"
+        )
+    return out
+
+
 def check_output(source: ModelSource, out: Path) -> Path:
     """Refuse outputs that would overwrite the input; return the output .onnx path."""
     out = Path(out)

@@ -290,7 +290,7 @@ def _bar(progress, desc: str):
 
 def optimize(
     model: str | Path,
-    output: str | Path,
+    output: str | Path | None = None,
     config: QuantConfig | None = None,
     *,
     progress=None,
@@ -298,7 +298,8 @@ def optimize(
 ) -> OptimizeReport:
     """Quantize every MatMul/Gemm (and embedding Gather) with a constant weight in ``model``
     (a .onnx file or an optimum export folder) and write the result to ``output`` (a .onnx
-    path, or a folder for a folder input). With ``config.calib`` (or ``calib_feeds``,
+    path, or a folder for a folder input; by default beside the input, ``model.quantx.onnx``
+    or ``<folder>-quantx/``, refused if that exists). With ``config.calib`` (or ``calib_feeds``,
     an iterable of ORT feed dicts) the float model is run over real inputs first and the
     recipe uses what it sees; a decoder export with a tokenizer calibrates on text it
     generates itself unless ``config.data_free``. ``progress(items, desc)`` may wrap each
@@ -311,6 +312,8 @@ def optimize(
     target = resolve_target(config.target)
     level = target.accuracy_level if config.accuracy_level is None else config.accuracy_level
     source = model_io.resolve_input(model)
+    if output is None:
+        output = model_io.default_output(source)
     out_model = model_io.check_output(source, Path(output))
     in_files = [source.model_path, *model_io.external_data_files(source.model_path)]
     bytes_before = _files_size(in_files)

@@ -61,6 +61,52 @@ def _assert_one_line_error(r, code, text):
     assert text in lines[0]
 
 
+def _qx_ops(path):
+    return sum(n.domain == "com.quantx" for n in onnx.load(str(path)).graph.node)
+
+
+def test_default_output_beside_a_file(small_model):
+    before = _digest(small_model)
+    r = _cli("optimize", small_model, "--bits", "4")
+    assert r.returncode == 0, r.stderr
+    out = small_model.with_name("m.quantx.onnx")
+    assert f"wrote {out} (no -o given)" in r.stdout
+    assert _qx_ops(out) == 1 and _digest(small_model) == before
+    written = _digest(out)
+    again = _cli("optimize", small_model)  # an earlier output is never replaced unasked
+    _assert_one_line_error(again, 4, "the default output already exists")
+    assert _digest(out) == written
+
+
+def test_default_output_beside_a_folder(small_model, tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    small_model.rename(folder / "model.onnx")
+    (folder / "config.json").write_text("{}")
+    r = _cli("optimize", folder, "--bits", "4")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "export-quantx"
+    assert f"wrote {out} (no -o given)" in r.stdout
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.onnx"]
+    assert _qx_ops(out / "model.onnx") == 1
+    _assert_one_line_error(_cli("optimize", folder), 4, f"{out}: the default output already")
+
+
+def test_nothing_to_quantize_names_the_reasons(tmp_path, rng):
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="batched")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+        [numpy_helper.from_array(rng.standard_normal((2, 8, 4)).astype(np.float32), "w")],
+    )
+    path = tmp_path / "m3d.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    r = _cli("optimize", path, "-o", tmp_path / "q.onnx")
+    _assert_one_line_error(r, 3, "constant weight is 3-D (only 2-D weights are quantized)")
+    assert "1 x (batched)" in r.stderr
+
+
 def test_output_equal_to_input_is_refused(small_model):
     before = _digest(small_model)
     r = _cli("optimize", small_model, "-o", small_model)
