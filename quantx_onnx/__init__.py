@@ -4,6 +4,7 @@ Public API:
     optimize(model, output, config)  rewrite a model's weights into QuantX nodes
     QuantConfig                      what to quantize and how
     session_options()                onnxruntime.SessionOptions with the QuantX ops registered
+    InferenceSession(path)           onnxruntime.InferenceSession with the QuantX ops registered
     library_path()                   the custom-op library, for C/C++ hosts
 """
 
@@ -25,6 +26,7 @@ from .runtime import kernel_name, library_path, session_options  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "InferenceSession",
     "InputError",
     "NothingToQuantize",
     "OptimizeReport",
@@ -36,3 +38,12 @@ __all__ = [
     "optimize",
     "session_options",
 ]
+
+
+def __getattr__(name: str):
+    # InferenceSession subclasses onnxruntime's: import onnxruntime only when it is used
+    if name == "InferenceSession":
+        from .session import InferenceSession
+
+        return InferenceSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
