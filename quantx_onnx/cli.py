@@ -421,12 +421,14 @@ def _run_export(args) -> int:
     from .export import export
 
     start = time.perf_counter()
-    path = export(args.source, args.output, quiet=not args.verbose)
+    done = export(args.source, args.output, quiet=not args.verbose, progress=_progress("export"))
+    path = done.model
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
     print(
         f"exported {args.source} -> {path} ({_human_bytes(size)}, "
         f"{time.perf_counter() - start:.1f} s)"
     )
+    print(f"  {done.check.summary()}")
     return 0
 
 
@@ -580,8 +582,6 @@ def _add_demo(sub):
 
 
 def _run_demo(args) -> int:
-    from pathlib import Path
-
     from . import demo
 
     demo.run(
@@ -590,6 +590,7 @@ def _run_demo(args) -> int:
         ppl_tokens=args.ppl_tokens,
         prompt=args.prompt or demo.DEFAULT_PROMPT,
         calib=not args.data_free,
+        progress=_progress("demo"),
     )
     return 0
 

@@ -47,7 +47,12 @@ def _step(label: str, out):
     return time.perf_counter()
 
 
-def smollm2_fp32(cache: Path, out=print) -> Path:
+def _bar(progress, desc: str):
+    """A one-argument progress wrapper for one step (see cli._progress), or None."""
+    return None if progress is None else (lambda items: progress(items, desc=desc))
+
+
+def smollm2_fp32(cache: Path, out=print, progress=None) -> Path:
     """The optimum export of the packaged SmolLM2 (built once, cached)."""
     from .export import export
 
@@ -57,18 +62,19 @@ def smollm2_fp32(cache: Path, out=print) -> Path:
         t = _step(
             f"exporting {smollm2_gguf().name} to ONNX (optimum, text-generation-with-past)", out
         )
-        export(smollm2_gguf(), fp32)
-        out(f"[demo]   done in {time.perf_counter() - t:.0f} s")
+        done = export(smollm2_gguf(), fp32, progress=progress)
+        out(f"[demo]   done in {time.perf_counter() - t:.0f} s; {done.check.summary()}")
     return fp32
 
 
-def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
-    """fp32 export, QuantX 3-bit and ORT 4-bit models, built once and cached."""
+def build_models(cache: Path, out=print, calib: bool = True, progress=None) -> dict[str, Path]:
+    """fp32 export, QuantX 3-bit and ORT 4-bit models, built once and cached. ``progress(items,
+    desc)`` may wrap each long step (progress bars)."""
     from .baselines import ort_matmulnbits
     from .config import QuantConfig
     from .pipeline import optimize
 
-    fp32 = smollm2_fp32(cache, out)
+    fp32 = smollm2_fp32(cache, out, progress)
     ort4 = cache / "smollm2-ort4-b32"
     q3 = cache / ("smollm2-quantx3-calib" if calib else "smollm2-quantx3")
     if not (q3 / "model.onnx").is_file():
@@ -80,7 +86,7 @@ def build_models(cache: Path, out=print, calib: bool = True) -> dict[str, Path]:
             if calib
             else QuantConfig()
         )
-        report = optimize(fp32, q3, cfg)
+        report = optimize(fp32, q3, cfg, progress=progress)
         out(
             f"[demo]   {len(report.linear.rewritten)} nodes rewritten, "
             f"{report.bits_per_weight:.2f} bits/weight, {time.perf_counter() - t:.0f} s"
@@ -99,6 +105,7 @@ def run(
     prompt: str = DEFAULT_PROMPT,
     calib: bool = False,
     out=print,
+    progress=None,
 ) -> dict:
     from .bench.decode import run as bench_decode
     from .data import load_text
@@ -107,7 +114,7 @@ def run(
     from .llm import DecoderSession
 
     cache = cache or default_cache()
-    models = build_models(cache, out, calib)
+    models = build_models(cache, out, calib, progress)
     _step(
         f"perplexity on held-out Wikipedia (gensim:wiki-eval, first {ppl_tokens} tokens, "
         "windows of 1024)",
@@ -115,9 +122,14 @@ def run(
     )
     text = load_text("gensim:wiki-eval")
     ppl = {
-        name: perplexity(path, text, max_tokens=ppl_tokens, window=1024, threads=threads)[
-            "perplexity"
-        ]
+        name: perplexity(
+            path,
+            text,
+            max_tokens=ppl_tokens,
+            window=1024,
+            threads=threads,
+            progress=_bar(progress, f"perplexity {name}"),
+        )["perplexity"]
         for name, path in models.items()
     }
     _step("speed: prefill 128 tokens + 64 decoded tokens, alternating, same process", out)

@@ -2,13 +2,17 @@
 optimum ONNX layout (``text-generation-with-past``: model.onnx + config + tokenizer).
 
 GGUF weights are loaded (and dequantized to float32) by transformers' GGUF support, saved as
-an ordinary Hugging Face folder in a temporary directory, then exported by optimum. Needs the
-``export`` extra (torch, transformers, optimum, gguf, accelerate).
+an ordinary Hugging Face folder in a temporary directory, then exported by optimum. The special
+tokens (bos, eos, padding, whether BOS is added) are the GGUF metadata's (:mod:`.gguf_tokens`).
+optimum's own validation (a log line per output, errors for every value beyond 1e-5) runs only
+when not quiet; the export ends with one logit comparison instead (:mod:`.export_check`).
+Needs the ``export`` extra (torch, transformers, optimum, gguf, accelerate).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -16,7 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import gguf_tokens
 from .errors import InputError, OutputError
+from .export_check import LogitCheck, compare_logits
 from .model_io import staged_output
 
 
@@ -54,6 +60,7 @@ def _load_hf(src: Path, tmp: Path, quiet: bool) -> Path:
             )
         except Exception as e:
             raise InputError(f"{src}: transformers cannot load this GGUF file ({e})") from e
+        gguf_tokens.apply(gguf_tokens.read(src), tok, model)
         hf = tmp / "hf"
         model.save_pretrained(hf)
         tok.save_pretrained(hf)
@@ -82,9 +89,32 @@ def _quiet(quiet: bool):
             lg.setLevel(lvl)
 
 
-def export(src: str | Path, out: str | Path, *, quiet: bool = True) -> Path:
+STEPS = ("loading the model", "exporting with optimum", "checking logits")
+
+
+@dataclasses.dataclass
+class Exported:
+    model: Path  # the exported model.onnx
+    check: LogitCheck
+
+
+def _steps(progress):
+    """``next_step()`` advancing a progress bar over STEPS (nothing without ``progress``)."""
+    bar = progress(STEPS, desc="export") if progress else None
+    it = iter(bar if bar is not None else STEPS)
+
+    def next_step():
+        name = next(it, None)
+        if name is not None and hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(name)
+
+    return next_step, lambda: next(it, None)
+
+
+def export(src: str | Path, out: str | Path, *, quiet: bool = True, progress=None) -> Exported:
     """Export `src` (HF folder or .gguf) to the optimum layout in folder `out` (written
-    atomically); returns the model.onnx path."""
+    atomically) and compare its logits with the transformers model's. ``progress(items,
+    desc)`` may wrap the steps (a progress bar)."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
@@ -93,19 +123,30 @@ def export(src: str | Path, out: str | Path, *, quiet: bool = True) -> Path:
     _require_export_deps()
     from optimum.exporters.onnx import main_export
 
+    next_step, finish = _steps(progress)
     with tempfile.TemporaryDirectory(prefix="quantx-export-") as tmp:
         tmp = Path(tmp)
+        next_step()
         hf = _load_hf(src, tmp, quiet)
         onnx_dir = tmp / "onnx"
+        next_step()
         with _quiet(quiet):
             try:
                 main_export(
-                    str(hf), output=str(onnx_dir), task="text-generation-with-past", device="cpu"
+                    str(hf),
+                    output=str(onnx_dir),
+                    task="text-generation-with-past",
+                    device="cpu",
+                    do_validation=not quiet,
                 )
             except Exception as e:
                 raise InputError(f"{src}: optimum could not export it ({e})") from e
+        next_step()
+        with _quiet(quiet):
+            check = compare_logits(hf, onnx_dir)
+        finish()
         target = out / "model.onnx"
         with staged_output(target) as stage:
             for f in onnx_dir.iterdir():
                 shutil.copy2(f, stage / f.name)
-    return target
+    return Exported(target, check)

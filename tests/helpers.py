@@ -106,9 +106,8 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
-    """A byte-level BPE tokenizer.json of exactly ``vocab`` ids (two of them special), so a
-    tiny random decoder export looks like a real one to tokenizer-driven code."""
+def tiny_bpe(vocab: int = 320, specials=("<|endoftext|>", "<|im_start|>")):
+    """A byte-level BPE ``tokenizers.Tokenizer`` of exactly ``vocab`` ids, ``specials`` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -116,7 +115,7 @@ def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -124,4 +123,97 @@ def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
     text = [" ".join(words[i::7]) for i in range(7)] * 3
     tok.train_from_iterator(text, trainer)
     assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
-    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
+    """A byte-level BPE tokenizer.json of exactly ``vocab`` ids (two of them special), so a
+    tiny random decoder export looks like a real one to tokenizer-driven code."""
+    tiny_bpe(vocab).save(str(folder / "tokenizer.json"))
+
+
+GGUF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_tiny_gguf(path: Path, vocab: int = 320) -> Path:
+    """A random 2-layer Llama as a float32 GGUF file with SmolLM2's special-token metadata:
+    unk 0 (<|endoftext|>), bos 1 (<|im_start|>), eos = padding 2 (<|im_end|>), no BOS added."""
+    import json
+
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(vocab)
+    tok = json.loads(tiny_bpe(vocab, GGUF_SPECIALS).to_str())
+    tokens = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in GGUF_SPECIALS else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+
+    def permute(t, heads):  # llama.cpp's q/k row order (transformers undoes it on load)
+        return (
+            t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(t.shape)
+        )
+
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    for name, t in model.state_dict().items():
+        t = t.numpy().astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", t)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", t)
+        elif name.startswith("model.layers."):
+            _, _, layer, *rest = name.split(".")
+            module = ".".join(rest[:-1])
+            if module == "self_attn.q_proj":
+                t = permute(t, cfg.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                t = permute(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{layer}.{names[module]}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
