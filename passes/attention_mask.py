@@ -25,6 +25,32 @@ import numpy as np
 import onnx_ir as ir
 
 PREFIX = "quantx/attn/"
+NEEDED_INPUTS = ("attention_bias", "query_seqlens")
+
+
+def runtime_problem() -> str | None:
+    """Why this onnxruntime's GroupQueryAttention cannot take the inputs written here, or
+    None. Older releases lack ``query_seqlens``: they would refuse to load the fused model."""
+    import onnxruntime as ort
+
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+        schema = next(
+            s
+            for s in get_all_operator_schema()
+            if s.name == "GroupQueryAttention" and s.domain == "com.microsoft"
+        )
+    except (ImportError, StopIteration):  # a build without schemas: let session creation say
+        return None
+    names = {i.name for i in schema.inputs}
+    missing = [n for n in NEEDED_INPUTS if n not in names]
+    if missing:
+        return (
+            f"onnxruntime {ort.__version__}'s GroupQueryAttention has no {', '.join(missing)} "
+            "input (needed for padded batches)"
+        )
+    return None
 
 
 def mask_nodes(

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .attention_mask import mask_nodes
+from .attention_mask import mask_nodes, runtime_problem
 from .subgraph import (
     backward_slice,
     constant_value,
@@ -446,6 +446,10 @@ def fuse_attention(model: ir.Model, folder: Path | None = None) -> AttentionRepo
         else:
             matches.append(m)
     if not matches:
+        return report
+    if problem := runtime_problem():
+        for m in matches:
+            report.skipped[m.layer] = problem
         return report
     opset = model.opset_imports.get("", 18)
     try:

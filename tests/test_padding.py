@@ -155,3 +155,28 @@ def test_optimum_batched_generate_equals_single_prompts(variants, variant):
         got = torch.stack(batch.scores)[:, b].numpy()
         want = torch.stack(alone.scores)[:, 0].numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_an_onnxruntime_without_query_seqlens_keeps_attention_unfused(tiny_llama, monkeypatch):
+    """An older GroupQueryAttention (no query_seqlens) would refuse the fused model at load
+    time: the layers stay as exported, with that reason."""
+    import types
+
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    real = C.get_all_operator_schema()
+
+    def older():
+        for s in real:
+            if s.name == "GroupQueryAttention" and s.domain == "com.microsoft":
+                inputs = [i for i in s.inputs if i.name != "query_seqlens"]
+                yield types.SimpleNamespace(name=s.name, domain=s.domain, inputs=inputs)
+            else:
+                yield s
+
+    monkeypatch.setattr(C, "get_all_operator_schema", older)
+    model = ir.load(str(tiny_llama / "model.onnx"))
+    report = fuse_attention(model, Path(tiny_llama))
+    assert report.fused == [] and set(report.skipped) == {0, 1}
+    assert "no query_seqlens input" in report.skipped[0]
+    assert not any(n.op_type == "GroupQueryAttention" for n in model.graph)
