@@ -23,7 +23,7 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def variants(tiny_llama, tmp_path_factory):
-    """The export with attention fused (float weights), and fused + data-free 3-bit."""
+    """The export with attention fused (float weights), and fused + data-free 3-bit weights."""
     fused = tmp_path_factory.mktemp("fused")
     model = ir.load(str(tiny_llama / "model.onnx"))
     assert fuse_attention(model, Path(tiny_llama)).fused == [0, 1]
@@ -32,7 +32,10 @@ def variants(tiny_llama, tmp_path_factory):
         if f.suffix != ".onnx":
             shutil.copy(f, fused / f.name)
     q3 = tmp_path_factory.mktemp("q3") / "out"
-    report = optimize(tiny_llama, q3, QuantConfig(bits=3, data_free=True))
+    # float activations: int8 activations (accuracy level 4) round each row's inputs, so the
+    # last-bit differences padding makes in any attention (the export's own too) can flip a
+    # rounding step and grow; with float activations rows must agree to float precision
+    report = optimize(tiny_llama, q3, QuantConfig(bits=3, data_free=True, accuracy_level=0))
     assert report.attention.fused == [0, 1]
     return {"fused": fused, "fused-3bit": q3}
 
