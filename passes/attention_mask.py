@@ -7,9 +7,9 @@ left (and a mask may have holes), so the lengths alone give wrong results for su
 
 What the fused graph feeds instead reproduces the export's own attention for any mask:
 
-- every row holds all past + new tokens in its cache: ``seqlens_k = total - 1`` for each row,
-  ``total_sequence_length = total``, where total is past + new tokens (the mask's width, as
-  optimum and onnxruntime-genai send it; a mask of another width is an error);
+- every row holds the whole mask width in its cache: ``seqlens_k = total - 1`` for each row,
+  ``total_sequence_length = total``, where total is the mask's width (past + new tokens, as
+  optimum and onnxruntime-genai send it);
 - every query row is valid: ``query_seqlens = sequence_length`` for each row, which also makes
   the kernel rotate each token at its own ``position_ids`` entry and accept batched
   multi-token steps after a cache;
@@ -54,17 +54,11 @@ def runtime_problem() -> str | None:
 
 
 def mask_nodes(
-    graph: ir.Graph,
-    mask: ir.Value,
-    position_ids: ir.Value,
-    past_key: ir.Value,
-    dtype: np.dtype,
+    graph: ir.Graph, mask: ir.Value, position_ids: ir.Value, dtype: np.dtype
 ) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value, ir.Value, ir.Value]]:
     """Nodes computing (seqlens_k, total_sequence_length, query_seqlens, attention_bias) from
-    the graph inputs ``attention_mask`` [batch, total], ``position_ids`` [batch, seq] and a
-    past key [batch, heads, past, head_dim]; constants are registered as initializers of
-    ``graph``. total is past + seq: a mask of another width fails the bias's Expand in ORT
-    rather than being read against the wrong keys."""
+    the graph inputs ``attention_mask`` [batch, total] and ``position_ids`` [batch, seq];
+    constants are registered as initializers of ``graph``."""
 
     def const(name: str, array: np.ndarray) -> ir.Value:
         v = ir.Value(name=f"quantx.attn.{name}", const_value=ir.tensor(array))
@@ -80,9 +74,8 @@ def mask_nodes(
     one = const("one", np.array([1], np.int64))
     int32 = ir.DataType.INT32
     batch = add("Shape", [mask], "batch", start=0, end=1)
+    total = add("Shape", [mask], "total", start=1, end=2)
     seq = add("Shape", [position_ids], "seq", start=1, end=2)
-    past = add("Shape", [past_key], "past", start=2, end=3)
-    total = add("Add", [past, seq], "total")
     last = add("Sub", [total, one], "total_minus_1")
     seqlens_k = add("Cast", [add("Expand", [last, batch], "lens")], "seqlens_k", to=int32)
     total_scalar = add("Squeeze", [total], "total_scalar")

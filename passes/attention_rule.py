@@ -296,9 +296,7 @@ def _shared_inputs(graph: ir.Graph, m: AttentionMatch, opset: int, max_pos: int)
         graph.register_initializer(cos_cache)
         graph.register_initializer(sin_cache)
 
-    nodes, (seqlens_k, total, query_lengths, bias) = mask_nodes(
-        graph, mask, position_ids, m.past_key, dtype
-    )
+    nodes, (seqlens_k, total, query_lengths, bias) = mask_nodes(graph, mask, position_ids, dtype)
     graph.insert_before(next(iter(graph)), nodes)
     return SharedInputs(seqlens_k, total, cos_cache, sin_cache, position_ids, bias, query_lengths)
 

@@ -183,21 +183,3 @@ def test_an_onnxruntime_without_query_seqlens_keeps_attention_unfused(tiny_llama
     assert report.fused == [] and set(report.skipped) == {0, 1}
     assert "no query_seqlens input" in report.skipped[0]
     assert not any(n.op_type == "GroupQueryAttention" for n in model.graph)
-
-
-@pytest.mark.parametrize("width", [4, 6])  # past 3 + 2 new tokens need a mask of width 5
-def test_a_mask_of_the_wrong_width_is_an_error(variants, width):
-    session = quantx_session(variants["fused"] / "model.onnx", threads=1)
-    cache = {
-        i.name: np.zeros((1, i.shape[1], 3, i.shape[3]), np.float32)
-        for i in session.get_inputs()
-        if i.name.startswith("past_key_values")
-    }
-    feeds = {
-        "input_ids": np.array([[5, 6]]),
-        "attention_mask": np.ones((1, width), np.int64),
-        "position_ids": np.array([[3, 4]]),
-        **cache,
-    }
-    with pytest.raises(Exception, match="quantx/attn/attention_bias"):
-        session.run(None, feeds)
