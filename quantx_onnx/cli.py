@@ -136,7 +136,7 @@ def _add_optimize(sub):
         "--e2e-epochs",
         type=int,
         default=None,
-        help="end-to-end tuning passes over the calibration batches (default 2 when "
+        help="end-to-end tuning passes over the calibration batches (default 1 when "
         "calibrating; 0: off)",
     )
     p.add_argument(
