@@ -19,6 +19,7 @@ from quantx_onnx.generate import SamplingConfig, eos_ids, generate_ids
 from quantx_onnx.llm import DecoderSession
 
 from .cmake_build import in_ci
+from .helpers import genai_greedy
 
 # transformers' GGUF conversion writes this decoder over a byte-level BPE vocabulary
 GGUF_STEPS = [
@@ -70,21 +71,6 @@ def genai_folder(request, sharp_llama, tmp_path_factory):
     report = optimize(sharp_llama, out, QuantConfig(data_free=True, fuse_attention=fused))
     assert bool(report.attention.fused) == fused
     return out, report
-
-
-def genai_greedy(og, folder, prompt: list[int], n: int):
-    """Greedy ids from onnxruntime-genai and the logits of each step."""
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + n)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    ids, logits = [], []
-    while not gen.is_done() and len(ids) < n:
-        logits.append(np.array(gen.get_logits()).reshape(-1))  # what the next token reads
-        gen.generate_next_token()
-        ids.append(int(gen.get_next_tokens()[0]))
-    return ids, logits
 
 
 def test_genai_config_matches_the_export(genai_folder, sharp_llama):
