@@ -4,6 +4,7 @@ with `quantx_onnx export`, optimized to 3 bits, run and asked a question."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -47,6 +48,8 @@ def genai_matches_generate(folder, question: str, n: int) -> list[int]:
     text = tok.chat_prompt(question)
     ids = tok.encode(text)
     og_tok = og.Tokenizer(og.Model(str(folder)))
+    messages = json.dumps([{"role": "user", "content": question}])
+    assert og_tok.apply_chat_template(messages, add_generation_prompt=True) == text
     assert [int(i) for i in og_tok.encode(text)] == ids
     got, _ = genai_greedy(og, folder, ids, n)
     cfg = SamplingConfig(max_new_tokens=n)
