@@ -180,3 +180,23 @@ def test_no_genai_config_for_a_model_file_or_a_non_decoder(tiny_llama, tmp_path)
     extra = ir.Value(name="use_cache_branch", type=ir.TensorType(ir.DataType.BOOL), shape=[1])
     model.graph.inputs.append(extra)
     assert "use_cache_branch" in decoder_io(model)
+
+
+def test_write_genai_config_on_an_existing_folder(genai_folder, tmp_path):
+    """The same config from the files alone (a folder optimized before this existed)."""
+    from quantx_onnx.genai import write_genai_config
+
+    out, _ = genai_folder
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    (folder / CONFIG_NAME).unlink()
+    (folder / "libquantx_ops.so").unlink()
+    report = write_genai_config(folder)
+    assert report.written and report.library == "libquantx_ops.so"
+    assert not report.tokenizer_fixed  # optimize fixed it already
+    assert json.loads((folder / CONFIG_NAME).read_text()) == json.loads(
+        (out / CONFIG_NAME).read_text()
+    )
+    assert filecmp.cmp(folder / "libquantx_ops.so", library_path(), shallow=False)
+    (folder / "config.json").write_text("{not json")
+    assert "not readable JSON" in write_genai_config(folder).reason
