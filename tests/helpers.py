@@ -217,3 +217,18 @@ def write_tiny_gguf(path: Path, vocab: int = 320) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def genai_greedy(og, folder, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy ids from onnxruntime-genai and the logits of each step."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    ids, logits = [], []
+    while not gen.is_done() and len(ids) < n:
+        logits.append(np.array(gen.get_logits()).reshape(-1))  # what the next token reads
+        gen.generate_next_token()
+        ids.append(int(gen.get_next_tokens()[0]))
+    return ids, logits
