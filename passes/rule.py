@@ -111,9 +111,8 @@ def unusable_weight(value: ir.Value | None) -> tuple[str, str] | None:
         inner = unusable_weight(node.inputs[0])
         if inner is not None or is_2d_transpose(node):
             return inner
-        return node.inputs[
-            0
-        ].name, f"weight is read through a Transpose perm={transpose_perm(node)}"
+        reason = f"weight is read through a Transpose perm={transpose_perm(node)}"
+        return node.inputs[0].name, reason
     if not is_constant(value):
         return None
     name = value.name or "?"

@@ -159,7 +159,11 @@ def check_output(source: ModelSource, out: Path) -> Path:
     return target
 
 
-_received: list[int] = []  # signals raise_interrupted has seen in this process
+_received: list[int] = []  # signals whose Interrupted has not been seen to propagate
+
+
+def _interrupted(signum: int) -> Interrupted:
+    return Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output was removed")
 
 
 def raise_interrupted(signum: int, frame=None):
@@ -167,13 +171,15 @@ def raise_interrupted(signum: int, frame=None):
     runs. The signal is remembered too, because code that catches every Exception (tqdm
     starting its monitor thread does) can swallow the raise: see check_interrupted."""
     _received.append(signum)
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output was removed")
+    raise _interrupted(signum)
 
 
 def check_interrupted() -> None:
-    """Raise Interrupted if a signal arrived whose exception was swallowed on the way."""
+    """Raise Interrupted (once) if a signal arrived whose exception was swallowed."""
     if _received:
-        raise_interrupted(_received[0])
+        signum = _received[0]
+        _received.clear()
+        raise _interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -218,6 +224,9 @@ def staged_output(target: Path):
                     rel = f.relative_to(stage)
                     (dest_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(f, dest_dir / rel)
+    except Interrupted:
+        _received.clear()  # it reached the caller: nothing left to report later
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
