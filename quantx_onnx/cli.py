@@ -420,7 +420,11 @@ def _add_export(sub):
     p = sub.add_parser("export", help="Hugging Face folder or GGUF file -> optimum ONNX export")
     p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--verbose", action="store_true", help="show transformers/optimum output")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show transformers/optimum output and run optimum's per-output validation",
+    )
     p.set_defaults(run=_run_export)
 
 
