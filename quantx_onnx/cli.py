@@ -119,7 +119,8 @@ def _add_optimize(sub):
         default=None,
         metavar="FILE",
         help="calibration text (file, gensim:wiki-calib, ...), .npy/.npz token ids, or 'self' "
-        "(the model generates it; the default for decoder exports with a tokenizer)",
+        "(the model generates it; the default for decoder exports with a tokenizer); "
+        "'A+B' mixes sources, e.g. gensim:wiki-calib+self",
     )
     p.add_argument(
         "--data-free",
@@ -150,8 +151,9 @@ def _add_optimize(sub):
         "--block-steps",
         type=int,
         default=0,
-        help="learned rounding per decoder layer: sign-gradient steps fitting each layer's "
-        "output to the float model's (0: off, the default; docs/ACCURACY.md)",
+        help="experimental learned rounding per decoder layer: sign-gradient steps fitting "
+        "each layer's output to the float model's (0: off, the default; on SmolLM2 it made "
+        "perplexity worse, docs/ACCURACY.md)",
     )
     p.add_argument(
         "--device",

@@ -130,7 +130,7 @@ def calibration_feeds(
     progress=None,
 ) -> list[dict]:
     """Calibration batches: given feeds, self-generated windows, or windows of the configured
-    text / token file."""
+    text / token file; ``A+B`` mixes sources (e.g. ``gensim:wiki-calib+self``)."""
     if feeds is not None:
         out = [dict(f) for f in feeds]
         if not out:
@@ -140,19 +140,31 @@ def calibration_feeds(
     names = [v.name for v in model.graph.inputs]
     if "input_ids" not in names:
         raise InputError("--calib-text needs a decoder export with input_ids; pass feeds instead")
-    if config.calib == SELF:
-        windows = generate_windows(
-            source.model_path,
-            config.calib_samples,
-            config.calib_seq_len,
-            seed=config.seed,
-            threads=config.threads,
-            progress=_bar(progress, "generating calibration text"),
-        )
-    else:
-        windows = token_windows(
-            config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
-        )
+    # "A+B": a mix, the samples split evenly, rows interleaved so every batch holds each source
+    sources = config.calib.split("+")
+    shares = [len(range(i, config.calib_samples, len(sources))) for i in range(len(sources))]
+    parts = []
+    for spec, samples in zip(sources, shares):
+        if samples == 0:
+            continue
+        if spec == SELF:
+            parts.append(
+                generate_windows(
+                    source.model_path,
+                    samples,
+                    config.calib_seq_len,
+                    seed=config.seed,
+                    threads=config.threads,
+                    progress=_bar(progress, "generating calibration text"),
+                )
+            )
+        else:
+            parts.append(token_windows(spec, folder, samples, config.calib_seq_len, config.seed))
+    seq = min(p.shape[1] for p in parts)
+    order = sorted(
+        ((row, i) for i, p in enumerate(parts) for row in range(len(p))), key=lambda t: t[0]
+    )
+    windows = np.stack([parts[i][row, :seq] for row, i in order])
     past = _decoder_past_shapes(model)
     return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
 

@@ -341,3 +341,24 @@ def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(tiny_llama, t
     assert not (tmp_path / "q").exists()
     with pytest.raises(InputError, match="--device 'gpu': choose cpu, cuda or cuda:N"):
         optimize(tiny_llama, tmp_path / "q", QuantConfig(device="gpu"), calib_feeds=calib)
+
+
+def test_calibration_sources_mix_row_by_row(tiny_with_tokenizer, tmp_path):
+    """``FILE+self``: the samples split between the text and self-generated windows, rows
+    interleaved so that every batch (the sensitivity pass reads the first few) holds both."""
+    from quantx_onnx import model_io
+    from quantx_onnx.calibration.feeds import token_windows
+    from quantx_onnx.pipeline import calibration_feeds
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and text {i}" for i in range(3000)))
+    src = model_io.resolve_input(tiny_with_tokenizer)
+    model = model_io.load_model(src)
+    cfg = QuantConfig(calib=f"{text}+self", calib_samples=5, calib_seq_len=24, calib_batch=4)
+    feeds = calibration_feeds(model, src, cfg)
+    ids = np.concatenate([f["input_ids"] for f in feeds])
+    assert ids.shape == (5, 24) and [len(f["input_ids"]) for f in feeds] == [4, 1]
+    from_text = token_windows(str(text), tiny_with_tokenizer, 3, 24, cfg.seed)
+    # rows 0, 2, 4 are the text's windows; rows 1 and 3 were generated
+    assert np.array_equal(ids[[0, 2, 4]], from_text)
+    assert not any((ids[r] == w).all() for r in (1, 3) for w in from_text)
