@@ -4,6 +4,7 @@ Public API:
     optimize(model, output, config)  rewrite a model's weights into QuantX nodes
     QuantConfig                      what to quantize and how
     session_options()                onnxruntime.SessionOptions with the QuantX ops registered
+    make_portable(model, output)     a QuantX model in stock ONNX Runtime operators
     library_path()                   the custom-op library, for C/C++ hosts
 """
 
@@ -20,6 +21,8 @@ if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
 from .config import QuantConfig  # noqa: E402
 from .errors import InputError, NothingToQuantize, OutputError, QuantXError  # noqa: E402
 from .pipeline import OptimizeReport, optimize  # noqa: E402
+from .portable import PortableReport  # noqa: E402
+from .portable import convert as make_portable  # noqa: E402
 from .runtime import kernel_name, library_path, session_options  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,10 +32,12 @@ __all__ = [
     "NothingToQuantize",
     "OptimizeReport",
     "OutputError",
+    "PortableReport",
     "QuantConfig",
     "QuantXError",
     "kernel_name",
     "library_path",
+    "make_portable",
     "optimize",
     "session_options",
 ]
