@@ -54,7 +54,6 @@ from .reference import node_weight
 MS_DOMAIN = "com.microsoft"
 NBITS_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBits accepts (its constructor rejects 3)
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
-MAX_GROWTH = 1.25  # a weight goes to MatMulNBits only if its bytes grow by at most this
 
 
 @dataclasses.dataclass
@@ -62,6 +61,7 @@ class PortableReport:
     input: str | None = None
     output: str | None = None
     matmulnbits: int = 0  # QxMatMul -> MatMulNBits
+    repacked: int = 0  # of which 3-bit, repacked to 4-bit codes when the session loads
     subgraph: int = 0  # QxMatMul -> unpacking subgraph + MatMul
     gathers: int = 0  # QxGather -> Gather of packed rows + unpacking
     packed_bytes_before: int = 0  # weight tensors of the QuantX nodes
@@ -74,7 +74,8 @@ class PortableReport:
     def summary(self) -> str:
         lines = [f"QuantX portable: {self.input} -> {self.output}"]
         lines.append(
-            f"  {self.matmulnbits} MatMulNBits, {self.subgraph} unpack+MatMul, "
+            f"  {self.matmulnbits} MatMulNBits ({self.repacked} from 3-bit planes), "
+            f"{self.subgraph} unpack+MatMul, "
             f"{self.gathers} unpack Gather (stock ONNX Runtime ops only)"
         )
         growth = self.packed_bytes_after / max(self.packed_bytes_before, 1)
@@ -118,30 +119,16 @@ def _stored_codes(q: QuantizedWeight) -> np.ndarray:
     return padded.reshape(f.N, f.n_groups, S)
 
 
-def _nbits_eligible(q: QuantizedWeight, act: np.dtype, max_growth: float) -> bool:
+def _nbits_eligible(q: QuantizedWeight, act: np.dtype) -> bool:
+    """MatMulNBits computes this weight exactly: a uniform grid, a block size it accepts (3-bit
+    codes are repacked to 4 bits when the session loads), scales exact in the activation type
+    (hierarchical scales of an fp16 model may not be)."""
     f = q.fmt
-    if q.codebook is not None or f.bits not in NBITS_BITS or f.group not in NBITS_BLOCKS:
+    if q.codebook is not None or f.bits not in (*NBITS_BITS, 3) or f.group not in NBITS_BLOCKS:
         return False
     if act not in (np.float32, np.float16):
         return False
-    if not np.array_equal(q.scales.astype(act).astype(np.float32), q.scales):
-        return False  # hierarchical scales not exact in the activation type (fp16 models)
-    G = f.n_groups
-    zp = 0 if q.zero_points is None else f.N * -(-G * f.bits // 8)
-    nbits = f.N * G * f.group * f.bits // 8 + f.N * G * np.dtype(act).itemsize + zp
-    return nbits <= max_growth * _subgraph_bytes(q)
-
-
-def _subgraph_bytes(q: QuantizedWeight) -> int:
-    f = q.fmt
-    G, S = f.n_groups, -(-f.group // K_ALIGN) * K_ALIGN
-    s = np.dtype(q.scale_dtype).itemsize
-    total = f.N * G * S * f.bits // 8
-    total += f.N * (f.n_super if f.hierarchical else G) * s
-    total += sum(f.N * -(-G * w // 8) for w in (8, 4, 2, 1) if f.scale_bits & w)
-    if q.zero_points is not None:
-        total += sum(f.N * -(-G * w // 8) for w in (8, 4, 2, 1) if f.bits & w)
-    return total
+    return np.array_equal(q.scales.astype(act).astype(np.float32), q.scales)
 
 
 @dataclasses.dataclass
@@ -152,19 +139,21 @@ class _Encoded:
     q: QuantizedWeight
     nbits: bool
     planes: list[tuple[int, int, ir.Value]]  # codes [N, G, S*w/8] per plane
-    scales: ir.Value  # nbits: [N, G] activation type; else [N, G] or super [N, SG] fp16/32
+    scales: ir.Value  # [N, G], or super-scales [N, SG] (hierarchical), as QuantX stores them
     zero_points: list[tuple[int, int, ir.Value]] | None  # [N, ceil(G*w/8)] per plane
     sub_scales: list[tuple[int, int, ir.Value]] | None
     codebook: ir.Value | None
     input_scale: ir.Value | None
     scales_float: bool  # scales stored as float32 (no Cast needed)
 
-    def tensors(self) -> list[ir.Value]:
-        """Stored tensors in function-input order."""
+    def tensors(self, extras: bool = True) -> list[ir.Value]:
+        """Stored tensors in function-input order (``extras``: codebook and input scale too)."""
         out = [p for _, _, p in self.planes] + [self.scales]
         out += [p for _, _, p in self.zero_points or ()]
         out += [p for _, _, p in self.sub_scales or ()]
-        return out + [v for v in (self.codebook, self.input_scale) if v is not None]
+        if extras:
+            out += [v for v in (self.codebook, self.input_scale) if v is not None]
+        return out
 
     def with_tensors(self, values: list[ir.Value]) -> _Encoded:
         it = iter(values)
@@ -306,7 +295,7 @@ def _ir_dtype(dtype: np.dtype) -> ir.DataType:
     return ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
 
 
-def _encode(b: _Builder, name: str, q: QuantizedWeight, nbits: bool, act: np.dtype) -> _Encoded:
+def _encode(b: _Builder, name: str, q: QuantizedWeight, nbits: bool) -> _Encoded:
     f = q.fmt
 
     def planes(values, bits, what):
@@ -316,11 +305,14 @@ def _encode(b: _Builder, name: str, q: QuantizedWeight, nbits: bool, act: np.dty
         ]
 
     codes = planes(_stored_codes(q), f.bits, "codes")
-    zp = None if q.zero_points is None else planes(q.zero_points, f.bits, "zero_points")
+    zp = None
+    if q.zero_points is not None and nbits and f.bits == 3:
+        # MatMulNBits' own packed 4-bit zero points: 1/group bits a weight more, no unpacking
+        zp = [(0, 4, b.initializer(f"{name}.zero_points", pack_bits(q.zero_points, 4)))]
+    elif q.zero_points is not None:
+        zp = planes(q.zero_points, f.bits, "zero_points")
     sub = None
-    if nbits:
-        scales = b.initializer(f"{name}.scales", q.scales.astype(act))
-    elif f.hierarchical:
+    if f.hierarchical:
         scales = b.initializer(f"{name}.super_scales", q.super_scales.astype(q.scale_dtype))
         sub = planes(q.sub_scales, f.scale_bits, "sub_scales")
     else:
@@ -363,24 +355,67 @@ def _dequant_rows(b: _Builder, e: _Encoded, rows: ir.Value | None) -> ir.Value:
         else:
             z = b.const(np.array(1 << (f.bits - 1), np.float32))
         vals = b.op("Sub", [vals, z])
-    if e.sub_scales is not None:
-        sup = b.reshape(b.cast(take(e.scales), FLOAT), [0, 0, 1])  # [M, SG, 1]
-        sup = b.op("Tile", [sup, b.const(np.array([1, 1, f.super_group], np.int64))])
-        sup = b.reshape(sup, [0, -1])
-        if f.n_super * f.super_group != G:
-            sup = b.slice_last(sup, G)
-        sub = b.cast(b.unpack([(o, w, take(p)) for o, w, p in e.sub_scales], 2, G), FLOAT)
-        sub = b.op("Add", [sub, b.const(np.array(1, np.float32))])
-        scales = b.op("Mul", [sup, sub])  # exact: fp16 * integer <= 256 fits float32
-    else:
-        scales = take(e.scales)
-        if not e.scales_float:
-            scales = b.cast(scales, FLOAT)
-    vals = b.op("Mul", [vals, b.reshape(scales, [0, 0, 1])])
+    vals = b.op("Mul", [vals, b.reshape(_scales(b, e, take), [0, 0, 1])])
     w = b.reshape(vals, [0, -1])  # [M, G*S]
     if G * S != f.K:
         w = b.slice_last(w, f.K)
     return w
+
+
+def _scales(b: _Builder, e: _Encoded, take=lambda v: v) -> ir.Value:
+    """float32 effective scales [M, G] (hierarchical ones expanded)."""
+    f, FLOAT = e.q.fmt, ir.DataType.FLOAT
+    G = f.n_groups
+    if e.sub_scales is None:
+        return take(e.scales) if e.scales_float else b.cast(take(e.scales), FLOAT)
+    sup = b.reshape(b.cast(take(e.scales), FLOAT), [0, 0, 1])  # [M, SG, 1]
+    sup = b.op("Tile", [sup, b.const(np.array([1, 1, f.super_group], np.int64))])
+    sup = b.reshape(sup, [0, -1])
+    if f.n_super * f.super_group != G:
+        sup = b.slice_last(sup, G)
+    sub = b.cast(b.unpack([(o, w, take(p)) for o, w, p in e.sub_scales], 2, G), FLOAT)
+    sub = b.op("Add", [sub, b.const(np.array(1, np.float32))])
+    return b.op("Mul", [sup, sub])  # exact: fp16 * integer <= 256 fits float32
+
+
+def _lut_3bit() -> tuple[np.ndarray, np.ndarray]:
+    """Byte -> 4-bit packed bytes: a byte of the low 2-bit plane (4 codes) gives 2 bytes of their
+    low bits, a byte of the high 1-bit plane (8 codes) 4 bytes of their bit 2."""
+    v = np.arange(256, dtype=np.uint8)[:, None]
+    two = (v >> np.arange(0, 8, 2, dtype=np.uint8)) & 3  # [256, 4]
+    one = (v >> np.arange(8, dtype=np.uint8)) & 1  # [256, 8]
+    low = (two[:, 0::2] | two[:, 1::2] << 4).astype(np.uint8)
+    high = (one[:, 0::2] << 2 | one[:, 1::2] << 6).astype(np.uint8)
+    return low, high
+
+
+def _repack_3bit(b: _Builder, planes, luts) -> ir.Value:
+    """MatMulNBits' 4-bit B [N, G, S/2] from the 2-bit and 1-bit code planes, by two table
+    lookups (few, small intermediates: ONNX Runtime folds this for every weight at load).
+    ``luts``: the tables of :func:`_lut_3bit` (inputs shared by every function)."""
+    (_, _, low), (_, _, high) = planes
+    lut_low, lut_high = luts
+    INT32 = ir.DataType.INT32
+    low = b.op("Gather", [lut_low, b.cast(low, INT32)], axis=0)  # [N, G, S/4, 2]
+    high = b.op("Gather", [lut_high, b.cast(high, INT32)], axis=0)  # [N, G, S/8, 4]
+    both = b.op("Add", [b.reshape(low, [0, 0, -1, 4]), high])
+    return b.reshape(both, [0, 0, -1])
+
+
+def _nbits_inputs(b: _Builder, e: _Encoded, act: np.dtype, luts) -> list[ir.Value]:
+    """MatMulNBits' scales in the activation type, and for 3-bit codes the 4-bit B and packed
+    zero points: constant subgraphs that ONNX Runtime folds when the session is created."""
+    f = e.q.fmt
+    scales = _scales(b, e)
+    if act != np.float32:
+        scales = b.cast(scales, _ir_dtype(act))
+    if f.bits != 3:
+        return [scales]
+    out = [scales, _repack_3bit(b, e.planes, luts)]
+    if e.zero_points is None:  # symmetric 3-bit: z = 4 (MatMulNBits' 4-bit default is 8)
+        shape = b.const(np.array([f.N, -(-f.n_groups // 2)], np.int64))
+        out.append(b.op("Expand", [b.const(np.array(0x44, np.uint8)), shape]))
+    return out
 
 
 def _matmul_body(b: _Builder, e: _Encoded, a: ir.Value, act: np.dtype, bias) -> ir.Value:
@@ -411,28 +446,40 @@ class _Functions:
     """Model-local functions, one per distinct (op, weight signature): the unpacking subgraph
     is stored once per shape instead of once per weight."""
 
-    def __init__(self, model: ir.Model, opset: int):
+    def __init__(self, model: ir.Model, opset: int, main: _Builder):
         self.model = model
         self.opset = opset
         self.made: dict[tuple, str] = {}
+        self.main = main  # the main graph's builder: shared constant inputs
 
-    def call(self, kind: str, e: _Encoded, first: ir.Value, act: np.dtype, bias) -> ir.Node:
+    def call(self, kind: str, e: _Encoded, act: np.dtype, first=None, bias=None) -> ir.Node:
+        """A call of the ``kind`` function (matmul: Y from A; gather: rows from indices;
+        nbits: MatMulNBits' inputs) over the stored tensors of ``e``."""
+        extras = kind != "nbits"
+        repack = kind == "nbits" and e.q.fmt.bits == 3
         key = (kind, e.signature(), act.str, bias is not None)
         if key not in self.made:
             name = f"{kind}{len(self.made)}"
             b = _Builder(None, self.opset, prefix="n")
-            x = ir.Value(name="x")
-            params = [ir.Value(name=f"t{i}") for i in range(len(e.tensors()))]
+            x = [ir.Value(name="x")] if first is not None else []
+            params = [ir.Value(name=f"t{i}") for i in range(len(e.tensors(extras)))]
+            if not extras:
+                params += [None] * (len(e.tensors()) - len(params))
             fe = e.with_tensors(params)
+            params = [p for p in params if p is not None]
             bias_in = [ir.Value(name="bias")] if bias is not None else []
+            luts = [ir.Value(name="lut_low"), ir.Value(name="lut_high")] if repack else []
             if kind == "matmul":
-                y = _matmul_body(b, fe, x, act, bias_in[0] if bias_in else None)
+                ys = [_matmul_body(b, fe, x[0], act, bias_in[0] if bias_in else None)]
+            elif kind == "gather":
+                ys = [_gather_body(b, fe, x[0], act)]
             else:
-                y = _gather_body(b, fe, x, act)
-            y.name = "y"
+                ys = _nbits_inputs(b, fe, act, luts)
+            for i, y in enumerate(ys):
+                y.name = f"y{i}"
             graph = ir.Graph(
-                [x, *params, *bias_in],
-                [y],
+                [*x, *params, *bias_in, *luts],
+                ys,
                 nodes=b.nodes,
                 opset_imports={"": self.opset},
                 name=name,
@@ -441,13 +488,17 @@ class _Functions:
             self.model.functions[func.identifier()] = func
             self.model.opset_imports.setdefault(FUNCTION_DOMAIN, 1)
             self.made[key] = name
-        inputs = [first, *e.tensors(), *([bias] if bias is not None else [])]
-        return ir.node(self.made[key], inputs, domain=FUNCTION_DOMAIN)
+        func = self.model.functions[(FUNCTION_DOMAIN, self.made[key], "")]
+        inputs = [*([first] if first is not None else []), *e.tensors(extras)]
+        inputs += [bias] if bias is not None else []
+        if repack:
+            inputs += [self.main.const(t) for t in _lut_3bit()]
+        return ir.node(
+            self.made[key], inputs, domain=FUNCTION_DOMAIN, num_outputs=len(func.outputs)
+        )
 
 
-def to_portable(
-    model: ir.Model, *, accuracy_level: int | None = None, max_growth: float = MAX_GROWTH
-) -> PortableReport:
+def to_portable(model: ir.Model, *, accuracy_level: int | None = None) -> PortableReport:
     """Replace every QuantX node of ``model`` (in place) by stock ONNX Runtime operators; see
     the module docstring. ``accuracy_level`` overrides the MatMulNBits nodes' (default: each
     QuantX node's own)."""
@@ -456,7 +507,7 @@ def to_portable(
     if opset < 13:
         raise InputError(f"portable form needs ONNX opset >= 13 (the model has {opset})")
     b = _Builder(graph, opset)
-    functions = _Functions(model, opset)
+    functions = _Functions(model, opset, b)
     report = PortableReport()
     nodes = [n for n in graph if n.domain == DOMAIN]
     n_weight = len(TENSOR_ORDER)
@@ -476,11 +527,11 @@ def to_portable(
         )
         acts = {_act_dtype(n) for n in group if n.op_type == OP_MATMUL}
         act = next(iter(acts)) if acts else _act_dtype(first)
-        nbits = len(acts) == 1 and _nbits_eligible(q, act, max_growth)
+        nbits = len(acts) == 1 and _nbits_eligible(q, act)
         name = first.inputs[1].name or first.name
         for suffix in (".B", "/B", "_B"):
             name = name.removesuffix(suffix)
-        e = _encode(b, name, q, nbits, act)
+        e = _encode(b, name, q, nbits)
         encoded[key] = e
         report.packed_bytes_after += sum(v.const_value.nbytes for v in e.tensors())
 
@@ -503,26 +554,41 @@ def to_portable(
                     level = accuracy_level
                 else:
                     level = 0 if level is None else level.value
-                ((_, _, packed),) = e.planes
                 zp = e.zero_points[0][2] if e.zero_points else None
+                packed = e.planes[0][2]
+                if (
+                    f.bits == 3
+                    or not e.scales_float
+                    or e.sub_scales is not None
+                    or act_ir != (ir.DataType.FLOAT)
+                ):
+                    prep = functions.call("nbits", e, act)
+                    b.nodes.append(prep)
+                    scales = prep.outputs[0]
+                    if f.bits == 3:
+                        packed = prep.outputs[1]
+                        zp = zp if zp is not None else prep.outputs[2]
+                        report.repacked += 1
+                else:
+                    scales = e.scales
                 y = b.op(
                     "MatMulNBits",
-                    [a, packed, e.scales, zp, None, bias],
+                    [a, packed, scales, zp, None, bias],
                     domain=MS_DOMAIN,
                     K=f.K,
                     N=f.N,
-                    bits=f.bits,
+                    bits=4 if f.bits == 3 else f.bits,
                     block_size=f.group,
                     accuracy_level=int(level),
                 )
                 report.matmulnbits += 1
             else:
-                call = functions.call("matmul", e, a, act, bias)
+                call = functions.call("matmul", e, act, a, bias)
                 b.nodes.append(call)
                 y = call.outputs[0]
                 report.subgraph += 1
         else:
-            call = functions.call("gather", e, node.inputs[0], act, None)
+            call = functions.call("gather", e, act, node.inputs[0])
             b.nodes.append(call)
             y = call.outputs[0]
             report.gathers += 1
@@ -545,7 +611,6 @@ def convert(
     output: str | Path,
     *,
     accuracy_level: int | None = None,
-    max_growth: float = MAX_GROWTH,
 ) -> PortableReport:
     """Portable form of the QuantX model ``model`` (a .onnx file or an export folder) written
     to ``output`` (a .onnx path, or a folder; an export folder's companion files are copied)."""
@@ -557,7 +622,7 @@ def convert(
     if not any(n.domain == DOMAIN for n in ir_model.graph):
         raise InputError(f"{source.model_path}: not a QuantX model (no {DOMAIN} nodes)")
     try:
-        report = to_portable(ir_model, accuracy_level=accuracy_level, max_growth=max_growth)
+        report = to_portable(ir_model, accuracy_level=accuracy_level)
     except ValueError as e:  # format violations in the packed tensors
         raise InputError(f"{source.model_path}: {e}") from e
     with model_io.staged_output(out_model) as stage:
