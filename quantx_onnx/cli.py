@@ -400,6 +400,12 @@ def _add_bench(sub):
     d.add_argument("--new-tokens", type=int, default=64)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    d.add_argument(
+        "--stock-ort",
+        action="store_true",
+        help="run models without QuantX nodes (fp32, ORT 4-bit, portable) without the QuantX "
+        "library",
+    )
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(run=_run_bench_decode)
     f = bsub.add_parser(
@@ -574,6 +580,7 @@ def _run_bench_decode(args) -> int:
         new_tokens=args.new_tokens,
         rounds=args.rounds,
         measure_memory=not args.no_memory,
+        stock_ort=args.stock_ort,
     )
     if args.json:
         with open(args.json, "w") as f:

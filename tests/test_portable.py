@@ -294,3 +294,29 @@ def test_cli_portable_refuses_a_model_without_quantx_nodes(tiny_llama, tmp_path)
     assert r.returncode == 2
     assert "not a QuantX model" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_decode_bench_runs_the_portable_model_on_stock_ort(tiny_llama, tmp_path):
+    from quantx_onnx.bench import decode
+    from quantx_onnx.llm import DecoderSession, uses_quantx_ops
+
+    qx, out = tmp_path / "qx", tmp_path / "portable"
+    optimize(tiny_llama, qx, QuantConfig(data_free=True, accuracy_level=0, target="generic"))
+    make_portable(qx, out)
+    assert uses_quantx_ops(qx) and not uses_quantx_ops(out)
+    ids = np.array([[5, 17, 99, 3]], np.int64)
+    want = DecoderSession(qx).logits(ids)
+    assert rel_err(DecoderSession(out, quantx_ops=False).logits(ids), want) < 1e-3
+    lines = []
+    results = decode.run(
+        [str(out), str(qx)],
+        prompt_tokens=8,
+        new_tokens=3,
+        rounds=1,
+        measure_memory=False,
+        out=lines.append,
+        stock_ort=True,
+    )
+    assert len(results) == 2 and all(r.decode_tokens_per_s > 0 for r in results)
+    assert any(line.startswith(f"{out} [stock ORT]") for line in lines)
+    assert not any(line.startswith(f"{qx} [stock ORT]") for line in lines)
