@@ -1,32 +1,35 @@
 """Portable form of a QuantX model: runs on stock ONNX Runtime, no QuantX library.
 
-Every ``com.quantx`` node is replaced by operators ONNX Runtime ships, with the weight still
-stored packed:
+Every ``com.quantx`` node is replaced by operators ONNX Runtime ships; the file keeps the weights
+packed (3 bits stay 3 bits):
 
-- **MatMulNBits** (``com.microsoft``) for the formats ORT executes natively: 2, 4 or 8 bits,
-  no codebook, groups of 16..256 (a power of two). Its ``B`` and packed ``zero_points`` are
-  byte for byte QuantX's ROW layout (docs/FORMAT.md section 3); its scales must have the
-  activation's type, so they are stored as float32, hierarchical ones expanded exactly
-  (``super * (sub + 1)`` of an fp16 super-scale and an integer below 257 is exact in float32).
-  ORT's MatMulNBits supports no other bit width (1.32 rejects 3 bits when the session loads).
-- a **standard-op subgraph** for everything else (3-bit, codebooks, other groups, or where
-  MatMulNBits' float32 scales would grow the weight by more than ``max_growth``): the codes are
-  stored as bit planes (a ``b``-bit code split into 8/4/2/1-bit planes by the binary digits of
-  ``b``: 3 bits = a 2-bit plane + a 1-bit plane, each packed LSB-first as in the ROW layout, so
-  exactly ``b`` bits per code), zero points and sub-scales the same way, scales and codebooks
-  in their stored fp16. ``BitShift`` + ``BitwiseAnd`` (``Mod`` before opset 18) unpack the
-  planes, ``Cast``/``Sub``/``Mul`` (``Gather`` for a codebook) dequantize, a ``MatMul`` follows.
-  ONNX Runtime constant-folds the subgraph of a MatMul's weight when the session is created
-  (float weights in memory, float MatMul speed; the file stays packed).
+- **MatMulNBits** (``com.microsoft``) for every uniform grid with groups of 16..256 (a power of
+  two; per-channel when K is one). 2, 4 and 8-bit codes are stored as MatMulNBits' ``B`` and
+  packed ``zero_points`` directly: byte for byte QuantX's ROW layout (docs/FORMAT.md section 3).
+  ORT 1.32's MatMulNBits accepts only 2, 4 and 8 bits (3 is rejected when the session loads), so
+  3-bit codes are stored as two bit planes (the low 2 bits and bit 2, each packed LSB-first:
+  exactly 3 bits a code) and turned into 4-bit ``B`` by a small constant subgraph (two table
+  lookups and an ``Add``) that ONNX Runtime folds when it creates the session: in memory
+  the weight is an ordinary 4-bit MatMulNBits. Their zero points are stored as MatMulNBits'
+  4-bit ones (1/group bits a weight more). Scales stay in their stored fp16; a folded ``Cast``
+  (and for hierarchical scales ``Tile``/unpack/``Mul``: ``super * (sub + 1)`` of an fp16
+  super-scale and an integer <= 256 is exact in float32) gives MatMulNBits the activation type.
+- a **standard-op subgraph** for the rest (codebooks, groups that are not a power of two or
+  above 256): codes, zero points and sub-scales as bit planes (a ``b``-bit value split into
+  8/4/2/1-bit planes by the binary digits of ``b``), scales and codebooks in fp16;
+  ``BitShift`` + ``BitwiseAnd`` (``Mod`` before opset 18) unpack, ``Cast``/``Sub``/``Mul``
+  (``Gather``/``GatherElements`` for a codebook) dequantize, a ``MatMul`` follows. ORT folds
+  the weight's subgraph at load: float weights in memory, float MatMul speed.
 - ``QxGather`` becomes ``Gather`` of the packed rows followed by the same unpacking, so the
   embedding table stays packed in memory too.
 - ``input_scale`` becomes a ``Mul`` of the activation before the product (of the gathered rows
   for a lookup); the bias an input of MatMulNBits or an ``Add``.
 
-The result is numerically the QuantX model's float-activation path (``accuracy_level`` 0):
-exactly the dequantized weights of :func:`quantx_onnx.reference.dequantized_model`.
-MatMulNBits nodes keep each QuantX node's ``accuracy_level`` unless told otherwise (4: ORT
-quantizes activations to int8 its own way, close to but not the same as QuantX's blocks).
+The subgraphs live in model-local functions (domain ``quantx.portable``, one per op kind and
+weight shape), which ORT inlines. On the float path (``accuracy_level`` 0) the result is
+exactly the dequantized weights of :func:`quantx_onnx.reference.dequantized_model`. MatMulNBits
+nodes keep each QuantX node's ``accuracy_level`` unless told otherwise (4: ORT quantizes
+activations to int8 its own way: close to QuantX's int8 path, not the same).
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ class _Encoded:
             None if self.codebook is None else self.q.codebook.shape[0] == 1,
             self.input_scale is not None,
             self.scales_float,
+            *(tuple((o, w) for o, w, _ in ps or ()) for ps in (self.zero_points, self.sub_scales)),
         )
 
 

@@ -117,6 +117,20 @@ def test_matmul_matches_reference_without_the_library(K, N, bits, group, layout,
 
 
 @pytest.mark.parametrize(
+    "bits,group,kind",
+    [(3, 32, "asymmetric"), (4, 64, "hierarchical"), (3, 32, "codebook"), (2, 48, "input_scale")],
+)
+def test_float16_activations(bits, group, kind, rng):
+    q = _weight(rng, 96, 40, bits, group, Layout.TILE16, kind)
+    model = qx_matmul_model(pack(q), q.fmt, [3, 96], a_dtype=np.float16)
+    portable, _ = _portable_proto(model)
+    a = rng.standard_normal((3, 96)).astype(np.float16)
+    got = stock_session(portable).run(None, {"A": a})[0]
+    assert got.dtype == np.float16
+    assert rel_err(got, reference.matmul(a.astype(np.float32), q)) < 2e-3
+
+
+@pytest.mark.parametrize(
     "bits,group,layout,kind",
     [
         (3, 32, Layout.TILE16, "input_scale"),
