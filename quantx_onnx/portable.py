@@ -50,6 +50,7 @@ from .format import (
     OP_MATMUL,
     TENSOR_ORDER,
     QuantizedWeight,
+    WeightFormat,
     pack_bits,
 )
 from .reference import node_weight
@@ -139,7 +140,8 @@ class _Encoded:
     """The stored tensors of one weight in portable form (or, inside a function body, the
     function inputs standing for them)."""
 
-    q: QuantizedWeight
+    fmt: WeightFormat
+    shared_codebook: bool | None  # None: no codebook; True: one row for all columns
     nbits: bool
     planes: list[tuple[int, int, ir.Value]]  # codes [N, G, S*w/8] per plane
     scales: ir.Value  # [N, G], or super-scales [N, SG] (hierarchical), as QuantX stores them
@@ -181,7 +183,7 @@ class _Encoded:
 
     def signature(self) -> tuple:
         """What a function body depends on besides its inputs."""
-        f = self.q.fmt
+        f = self.fmt
         return (
             f.K,
             f.N,
@@ -190,7 +192,7 @@ class _Encoded:
             f.scale_bits,
             f.super_group,
             self.zero_points is not None,
-            None if self.codebook is None else self.q.codebook.shape[0] == 1,
+            self.shared_codebook,
             self.input_scale is not None,
             self.scales_float,
             *(tuple((o, w) for o, w, _ in ps or ()) for ps in (self.zero_points, self.sub_scales)),
@@ -328,14 +330,14 @@ def _encode(b: _Builder, name: str, q: QuantizedWeight, nbits: bool) -> _Encoded
     if q.input_scale is not None:
         ins = b.initializer(f"{name}.input_scale", q.input_scale.astype(q.scale_dtype))
     is_float = scales.const_value.dtype == ir.DataType.FLOAT
-    return _Encoded(q, nbits, codes, scales, zp, sub, cb, ins, is_float)
+    shared = None if q.codebook is None else q.codebook.shape[0] == 1
+    return _Encoded(f, shared, nbits, codes, scales, zp, sub, cb, ins, is_float)
 
 
 def _dequant_rows(b: _Builder, e: _Encoded, rows: ir.Value | None) -> ir.Value:
     """float32 rows [M, K] of the table E = W^T (all N rows when ``rows`` is None; otherwise the
     rows a flat int index tensor selects), input scale not applied."""
-    f, q = e.q.fmt, e.q
-    FLOAT = ir.DataType.FLOAT
+    f, FLOAT = e.fmt, ir.DataType.FLOAT
 
     def take(v):
         return v if rows is None else b.op("Gather", [v, rows], axis=0)
@@ -343,8 +345,8 @@ def _dequant_rows(b: _Builder, e: _Encoded, rows: ir.Value | None) -> ir.Value:
     G = f.n_groups
     S = -(-f.group // K_ALIGN) * K_ALIGN
     code = b.unpack([(o, w, take(p)) for o, w, p in e.planes], 3, None)  # [M, G, S]
-    if q.codebook is not None:
-        if q.codebook.shape[0] == 1:
+    if e.codebook is not None:
+        if e.shared_codebook:
             flat = b.reshape(b.cast(e.codebook, FLOAT), [-1])
             vals = b.op("Gather", [flat, b.cast(code, ir.DataType.INT64)], axis=0)
         else:
@@ -368,7 +370,7 @@ def _dequant_rows(b: _Builder, e: _Encoded, rows: ir.Value | None) -> ir.Value:
 
 def _scales(b: _Builder, e: _Encoded, take=lambda v: v) -> ir.Value:
     """float32 effective scales [M, G] (hierarchical ones expanded)."""
-    f, FLOAT = e.q.fmt, ir.DataType.FLOAT
+    f, FLOAT = e.fmt, ir.DataType.FLOAT
     G = f.n_groups
     if e.sub_scales is None:
         return take(e.scales) if e.scales_float else b.cast(take(e.scales), FLOAT)
@@ -409,7 +411,7 @@ def _repack_3bit(b: _Builder, planes, luts) -> ir.Value:
 def _nbits_inputs(b: _Builder, e: _Encoded, act: np.dtype, luts) -> list[ir.Value]:
     """MatMulNBits' scales in the activation type, and for 3-bit codes the 4-bit B and packed
     zero points: constant subgraphs that ONNX Runtime folds when the session is created."""
-    f = e.q.fmt
+    f = e.fmt
     scales = _scales(b, e)
     if act != np.float32:
         scales = b.cast(scales, _ir_dtype(act))
@@ -441,7 +443,7 @@ def _gather_body(b: _Builder, e: _Encoded, indices: ir.Value, act: np.dtype) -> 
         rows = b.op("Mul", [rows, b.cast(e.input_scale, ir.DataType.FLOAT)])
     if act != np.float32:
         rows = b.cast(rows, _ir_dtype(act))
-    k = b.const(np.array([e.q.fmt.K], np.int64))
+    k = b.const(np.array([e.fmt.K], np.int64))
     shape = b.op("Concat", [b.op("Shape", [indices]), k], axis=0)
     return b.op("Reshape", [rows, shape])
 
@@ -460,7 +462,7 @@ class _Functions:
         """A call of the ``kind`` function (matmul: Y from A; gather: rows from indices;
         nbits: MatMulNBits' inputs) over the stored tensors of ``e``."""
         extras = kind != "nbits"
-        repack = kind == "nbits" and e.q.fmt.bits == 3
+        repack = kind == "nbits" and e.fmt.bits == 3
         key = (kind, e.signature(), act.str, bias is not None)
         if key not in self.made:
             name = f"{kind}{len(self.made)}"
@@ -541,7 +543,7 @@ def to_portable(model: ir.Model, *, accuracy_level: int | None = None) -> Portab
 
     for i, node in enumerate(nodes):
         e = encoded[tuple(id(v) for v in node.inputs[1 : 1 + n_weight])]
-        f = e.q.fmt
+        f = e.fmt
         b.prefix = f"qxp{i}"
         act = _act_dtype(node)
         act_ir = _ir_dtype(act)
