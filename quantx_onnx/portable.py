@@ -409,8 +409,8 @@ def _repack_3bit(b: _Builder, planes, luts) -> ir.Value:
 
 
 def _nbits_inputs(b: _Builder, e: _Encoded, act: np.dtype, luts) -> list[ir.Value]:
-    """MatMulNBits' scales in the activation type, and for 3-bit codes the 4-bit B and packed
-    zero points: constant subgraphs that ONNX Runtime folds when the session is created."""
+    """MatMulNBits' scales in the activation type, and for 3-bit codes the 4-bit B (and the
+    zero points 4 of a symmetric grid): constant subgraphs ORT folds when it loads the model."""
     f = e.fmt
     scales = _scales(b, e)
     if act != np.float32:
