@@ -136,7 +136,7 @@ def _add_optimize(sub):
         "--e2e-epochs",
         type=int,
         default=None,
-        help="end-to-end tuning passes over the calibration batches (default 2 when "
+        help="end-to-end tuning passes over the calibration batches (default 1 when "
         "calibrating; 0: off)",
     )
     p.add_argument(
@@ -326,6 +326,13 @@ def _optimize_summary(report) -> str:
         )
     if report.copied:
         lines.append(f"  copied: {', '.join(report.copied)}")
+    if report.genai and report.genai.written:
+        g = report.genai
+        extra = ", tokenizer.json decoder rewritten for genai" if g.tokenizer_fixed else ""
+        lib = f" with {g.library}" if g.library else ""
+        lines.append(f"  onnxruntime-genai: genai_config.json{lib}{extra}")
+    elif report.genai:
+        lines.append(f"  onnxruntime-genai: no genai_config.json ({report.genai.reason})")
     steps = "".join(f", {name} {t:.0f} s" for name, t in report.phases.items())
     lines.append(f"  time: {report.seconds:.1f} s{steps}")
     return "\n".join(lines)

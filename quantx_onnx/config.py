@@ -20,7 +20,7 @@ DATA_FREE_GROUP = (64, 0, 8)
 # every quantized weight, embedding table included (3.7 for a 3-bit model; the 4-bit table
 # alone costs ~4.6). The allocator spends it where the measured sensitivity says.
 BUDGET_MARGIN_BITS = 0.7
-E2E_EPOCHS = 2  # default end-to-end tuning passes over the calibration batches
+E2E_EPOCHS = 1  # default end-to-end tuning passes over the calibration batches (2: no better)
 
 
 @dataclasses.dataclass

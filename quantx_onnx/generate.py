@@ -95,6 +95,20 @@ def generate_ids(
     stats.decode_s = time.perf_counter() - t0
 
 
+def eos_ids(folder: Path, tok: Tokenizer | None = None) -> list[int]:
+    """The ids generation stops at: generation_config.json's (else config.json's)
+    eos_token_id, then the tokenizer's eos_token."""
+    value = load_generation_config(Path(folder)).get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    ids = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if tok is None and (Path(folder) / "tokenizer.json").is_file():
+        tok = Tokenizer(folder)
+    eos = tok.eos_id if tok is not None else None
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return ids
+
+
 def generate(
     model_dir: str | Path,
     prompt: str,
@@ -117,12 +131,7 @@ def generate(
     tok = Tokenizer(session.folder)
     text = tok.chat_prompt(prompt) if chat else prompt
     ids = tok.encode(text)
-    eos = set()
-    for value in (tok.eos_id, load_generation_config(session.folder).get("eos_token_id")):
-        if isinstance(value, int):
-            eos.add(value)
-        elif isinstance(value, list):
-            eos.update(v for v in value if isinstance(v, int))
+    eos = set(eos_ids(session.folder, tok))
     cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
     out: list[int] = []
     shown = ""

@@ -20,6 +20,7 @@ from .calibration.selfgen import SELF, generate_windows
 from .config import QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout
+from .genai import GenaiReport, write_genai_config
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
@@ -46,6 +47,7 @@ class OptimizeReport:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per step
     plan: dict | None = None  # the bit allocation, when a budget was planned
     tuning: dict | None = None  # end-to-end tuning report
+    genai: GenaiReport | None = None  # genai_config.json for onnxruntime-genai (export folders)
     portable: dict | None = None  # --portable: what the QuantX nodes became (portable.py)
 
     @property
@@ -75,6 +77,7 @@ class OptimizeReport:
             "end_to_end": self.tuning,
             "portable": self.portable,
             "attention_fused_layers": self.attention.fused,
+            "genai": self.genai.to_json() if self.genai else None,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
             "weights": self.weights,
         }
@@ -155,7 +158,7 @@ def calibration_feeds(
     return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
 
 
-SENSITIVITY_BATCHES = 4  # calibration batches the Fisher pass reads (8192 tokens by default)
+SENSITIVITY_BATCHES = 2  # calibration batches the Fisher pass reads (4096 tokens by default)
 
 
 def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress):
@@ -429,6 +432,9 @@ def optimize(
             staged = stage / out_model.name
             model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
             copied = model_io.copy_companions(source, stage)
+            genai = None
+            if source.folder is not None:  # onnxruntime-genai reads the folder as it is
+                genai = write_genai_config(stage, ir_model, out_model.name)
             model_files = [f for f in stage.iterdir() if f.name.startswith(out_model.name)]
             bytes_after = _files_size(model_files)
     except ValueError as e:  # NaN/Inf weights, format violations
@@ -455,6 +461,7 @@ def optimize(
         phases=phases,
         plan=plan.to_json() if plan else None,
         tuning=tuning,
+        genai=genai,
         portable=portable,
     )
     if config.report:

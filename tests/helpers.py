@@ -125,3 +125,18 @@ def write_tiny_tokenizer(folder: Path, vocab: int = 320) -> None:
     tok.train_from_iterator(text, trainer)
     assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
     tok.save(str(folder / "tokenizer.json"))
+
+
+def genai_greedy(og, folder, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy ids from onnxruntime-genai and the logits of each step."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    ids, logits = [], []
+    while not gen.is_done() and len(ids) < n:
+        logits.append(np.array(gen.get_logits()).reshape(-1))  # what the next token reads
+        gen.generate_next_token()
+        ids.append(int(gen.get_next_tokens()[0]))
+    return ids, logits

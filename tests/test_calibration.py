@@ -231,7 +231,7 @@ def test_a_decoder_with_a_tokenizer_calibrates_itself_by_default(self_calibrated
     assert rep.calibration["source"] == "self" and rep.calibration["tokens"] == 8 * 48
     assert rep.config.group_size == 32 and rep.config.scale_bits == 4
     assert rep.plan["planned_bytes"] <= rep.plan["budget_bytes"]
-    assert rep.tuning["steps"] == 2 * 2 and rep.tuning["kl_last"] < rep.tuning["kl_first"] * 1.5
+    assert rep.tuning["steps"] == 2 and rep.tuning["kl_last"] < rep.tuning["kl_first"] * 1.5
     data = json.loads((out.parent / "q.json").read_text())
     assert data["plan"] == rep.plan and data["end_to_end"] == rep.tuning
     # the average bits per weight the budget allows (--bits + 0.7), scales and table included

@@ -4,6 +4,7 @@ with `quantx_onnx export`, optimized to 3 bits, run and asked a question."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -13,9 +14,12 @@ from quantx_onnx import QuantConfig, optimize
 from quantx_onnx.demo import smollm2_gguf
 from quantx_onnx.export import export
 from quantx_onnx.format import DOMAIN
-from quantx_onnx.generate import generate
+from quantx_onnx.generate import SamplingConfig, eos_ids, generate, generate_ids
+from quantx_onnx.llm import DecoderSession
+from quantx_onnx.tokenizer import Tokenizer
 
 from .cmake_build import in_ci
+from .helpers import genai_greedy
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,6 +33,31 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export(smollm2_gguf(), out)
     return out
+
+
+def genai_matches_generate(folder, question: str, n: int) -> list[int]:
+    """onnxruntime-genai runs the optimized folder as written (genai_config.json, the library
+    beside the model, the rewritten tokenizer) and answers token for token as generate does."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        if in_ci():
+            pytest.fail("onnxruntime-genai must be installed in CI (the [test] extra has it)")
+        return []
+    import onnxruntime_genai as og
+
+    tok = Tokenizer(folder)
+    text = tok.chat_prompt(question)
+    ids = tok.encode(text)
+    og_tok = og.Tokenizer(og.Model(str(folder)))
+    messages = json.dumps([{"role": "user", "content": question}])
+    assert og_tok.apply_chat_template(messages, add_generation_prompt=True) == text
+    assert [int(i) for i in og_tok.encode(text)] == ids
+    got, _ = genai_greedy(og, folder, ids, n)
+    cfg = SamplingConfig(max_new_tokens=n)
+    session = DecoderSession(folder, threads=2)
+    want = list(generate_ids(session, ids, cfg, set(eos_ids(folder, tok))))
+    assert got == want
+    assert og_tok.decode(got) == tok.decode(got)
+    return got
 
 
 @pytest.mark.slow
@@ -49,6 +78,7 @@ def test_smollm2_3bit_rewrites_every_projection_and_generates(smollm2, tmp_path)
     )
     answer = generate(tmp_path / "q3", "What is the capital of France?", 24, threads=2)
     assert len(answer.split()) >= 3, answer
+    genai_matches_generate(tmp_path / "q3", "What is the capital of France?", 24)
     fp32_answer = generate(smollm2, "What is the capital of France?", 12, threads=2)
     assert "Paris" in fp32_answer
 
@@ -56,8 +86,6 @@ def test_smollm2_3bit_rewrites_every_projection_and_generates(smollm2, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("level", [0, 4])
 def test_smollm2_8bit_matches_fp32_logits(smollm2, tmp_path, level):
-    from quantx_onnx.llm import DecoderSession
-
     optimize(smollm2, tmp_path / "q8", QuantConfig(bits=8, group_size=32, accuracy_level=level))
     ids = np.random.default_rng(0).integers(100, 30000, (1, 64))
     fp32 = DecoderSession(smollm2, threads=2).logits(ids)

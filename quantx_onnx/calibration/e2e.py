@@ -48,8 +48,8 @@ TEACHER_CACHE_BYTES = 3e9  # float-model log-probs kept in memory (fp16) up to t
 @dataclasses.dataclass
 class EndToEndReport:
     steps: int
-    kl_first: float  # mean KL per token over the first pass through the batches
-    kl_last: float  # ... and over the last pass
+    kl_first: float  # mean KL per token over the first pass (one pass: its first half)
+    kl_last: float  # ... and over the last pass (its second half)
     float_parameters: int  # 1-D float parameters tuned
     columns: int  # column multipliers tuned
     input_channels: int  # input-channel multipliers tuned
@@ -261,7 +261,7 @@ def tune_end_to_end(
         name: p.detach().cpu().numpy().astype(inits[name].const_value.dtype.numpy())
         for name, p in float_params.items()
     }
-    n = len(feeds)
+    n = len(feeds) if epochs > 1 else max(1, steps // 2)  # per pass, or halves of one pass
     report = EndToEndReport(
         steps=steps,
         kl_first=float(np.mean(kls[:n])),
