@@ -53,7 +53,10 @@ from .format import (
     WeightFormat,
     pack_bits,
 )
+from .genai import CONFIG_NAME as GENAI_CONFIG
+from .genai import write_genai_config
 from .reference import node_weight
+from .runtime import _LIB_NAME
 
 MS_DOMAIN = "com.microsoft"
 NBITS_BITS = (2, 4, 8)  # what ORT 1.32's MatMulNBits accepts (its constructor rejects 3)
@@ -635,6 +638,13 @@ def convert(
         staged = stage / out_model.name
         model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
         report.copied = model_io.copy_companions(source, stage)
+        # what optimize wrote for onnxruntime-genai named the QuantX library: write it anew
+        for name in (_LIB_NAME, GENAI_CONFIG):
+            if name in report.copied:
+                (stage / name).unlink()
+                report.copied.remove(name)
+        if source.folder is not None:
+            write_genai_config(stage, ir_model, out_model.name)
         report.bytes_after = sum(
             f.stat().st_size for f in stage.iterdir() if f.name.startswith(out_model.name)
         )

@@ -334,3 +334,36 @@ def test_decode_bench_runs_the_portable_model_on_stock_ort(tiny_llama, tmp_path)
     assert len(results) == 2 and all(r.decode_tokens_per_s > 0 for r in results)
     assert any(line.startswith(f"{out} [stock ORT]") for line in lines)
     assert not any(line.startswith(f"{qx} [stock ORT]") for line in lines)
+
+
+def test_portable_folder_gets_a_genai_config_without_the_quantx_library(
+    tiny_with_tokenizer, tmp_path
+):
+    import json
+
+    qx, out = tmp_path / "qx", tmp_path / "portable"
+    config = QuantConfig(data_free=True, accuracy_level=0)  # float path: same tokens
+    optimize(tiny_with_tokenizer, qx, config)
+    genai = json.loads((qx / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["custom_ops_library"]
+    report = make_portable(qx, out)
+    assert not list(out.glob("*.so")) and "genai_config.json" not in report.copied
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert "custom_ops_library" not in genai["model"]["decoder"]["session_options"]
+    assert genai["model"]["decoder"]["filename"] == "model.onnx"
+    # optimize --portable writes the same
+    optimize(tiny_with_tokenizer, tmp_path / "direct", dataclasses.replace(config, portable=True))
+    direct = json.loads((tmp_path / "direct" / "genai_config.json").read_text())
+    assert direct == genai
+    # onnxruntime-genai runs it with no custom-op library, greedy tokens as the QuantX model's
+    og = pytest.importorskip("onnxruntime_genai")
+    from quantx_onnx.generate import SamplingConfig, eos_ids, generate_ids
+    from quantx_onnx.llm import DecoderSession
+
+    from .helpers import genai_greedy
+
+    prompt = [5, 17, 99, 3, 250]
+    ids, _ = genai_greedy(og, out, prompt, 12)
+    session = DecoderSession(qx)
+    want = list(generate_ids(session, prompt, SamplingConfig(max_new_tokens=12), set(eos_ids(qx))))
+    assert ids == want
