@@ -351,10 +351,10 @@ def _dequant_rows(b: _Builder, e: _Encoded, rows: ir.Value | None) -> ir.Value:
     if e.codebook is not None:
         if e.shared_codebook:
             flat = b.reshape(b.cast(e.codebook, FLOAT), [-1])
-            vals = b.op("Gather", [flat, b.cast(code, ir.DataType.INT64)], axis=0)
+            vals = b.op("Gather", [flat, b.cast(code, ir.DataType.INT32)], axis=0)
         else:
             table = b.cast(take(e.codebook), FLOAT)  # [M, L]
-            idx = b.reshape(b.cast(code, ir.DataType.INT64), [0, -1])
+            idx = b.reshape(b.cast(code, ir.DataType.INT32), [0, -1])
             vals = b.reshape(b.op("GatherElements", [table, idx], axis=1), [0, G, S])
     else:
         vals = b.cast(code, FLOAT)
@@ -427,12 +427,44 @@ def _nbits_inputs(b: _Builder, e: _Encoded, act: np.dtype, luts) -> list[ir.Valu
     return out
 
 
+def _dequant_kn(b: _Builder, e: _Encoded) -> ir.Value:
+    """float32 W [K, N] (input scale not applied). Like :func:`_dequant_rows` over every row,
+    but the codes are transposed while still bytes: ORT folds this into the weight at load and
+    keeps every intermediate until it is done, so float temporaries are the cost to avoid."""
+    f, FLOAT = e.fmt, ir.DataType.FLOAT
+    G, S = f.n_groups, -(-f.group // K_ALIGN) * K_ALIGN
+    code = b.unpack(e.planes, 3, None)  # [N, G, S]
+    code = b.op("Transpose", [code], perm=[1, 2, 0])  # [G, S, N]
+    if e.codebook is not None:
+        flat = b.reshape(b.cast(e.codebook, FLOAT), [-1])
+        idx = b.cast(code, ir.DataType.INT32)
+        if not e.shared_codebook:  # row n of the codebook: entries n*L .. n*L + L-1
+            offsets = np.arange(f.N, dtype=np.int32) * f.code_levels
+            idx = b.op("Add", [idx, b.const(offsets)])
+        vals = b.op("Gather", [flat, idx], axis=0)
+    else:
+        vals = b.cast(code, FLOAT)
+        if e.zero_points is not None:
+            zp = b.unpack(e.zero_points, 2, G)  # [N, G]
+            z = b.op("Transpose", [b.cast(zp, FLOAT)], perm=[1, 0])
+        else:
+            z = b.const(np.array(1 << (f.bits - 1), np.float32))
+        vals = b.op("Sub", [vals, b.reshape(z, [G, 1, f.N]) if e.zero_points else z])
+    scales = b.op("Transpose", [_scales(b, e)], perm=[1, 0])  # [G, N]
+    vals = b.op("Mul", [vals, b.reshape(scales, [G, 1, f.N])])
+    w = b.reshape(vals, [G * S, f.N])
+    if G * S != f.K:
+        c = b.const
+        w = b.op("Slice", [w, c(np.array([0])), c(np.array([f.K])), c(np.array([0]))])
+    return w
+
+
 def _matmul_body(b: _Builder, e: _Encoded, a: ir.Value, act: np.dtype, bias) -> ir.Value:
     """Y = (A * input_scale) @ W (+ bias) with W unpacked from ``e``."""
     act_ir = _ir_dtype(act)
     if e.input_scale is not None:
         a = b.op("Mul", [a, b.cast(e.input_scale, act_ir)])
-    w = b.op("Transpose", [_dequant_rows(b, e, None)], perm=[1, 0])
+    w = _dequant_kn(b, e)
     if act != np.float32:
         w = b.cast(w, act_ir)
     y = b.op("MatMul", [a, w])
