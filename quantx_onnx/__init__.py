@@ -5,6 +5,7 @@ Public API:
     QuantConfig                      what to quantize and how
     session_options()                onnxruntime.SessionOptions with the QuantX ops registered
     InferenceSession(path)           onnxruntime.InferenceSession with the QuantX ops registered
+    make_portable(model, output)     a QuantX model in stock ONNX Runtime operators
     library_path()                   the custom-op library, for C/C++ hosts
 """
 
@@ -21,6 +22,8 @@ if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
 from .config import QuantConfig  # noqa: E402
 from .errors import InputError, NothingToQuantize, OutputError, QuantXError  # noqa: E402
 from .pipeline import OptimizeReport, optimize  # noqa: E402
+from .portable import PortableReport  # noqa: E402
+from .portable import convert as make_portable  # noqa: E402
 from .runtime import kernel_name, library_path, session_options  # noqa: E402
 
 __version__ = "0.1.0"
@@ -31,10 +34,12 @@ __all__ = [
     "NothingToQuantize",
     "OptimizeReport",
     "OutputError",
+    "PortableReport",
     "QuantConfig",
     "QuantXError",
     "kernel_name",
     "library_path",
+    "make_portable",
     "optimize",
     "session_options",
 ]

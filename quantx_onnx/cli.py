@@ -185,6 +185,12 @@ def _add_optimize(sub):
         action="store_true",
         help="keep the exported attention ops (default: one GroupQueryAttention per layer)",
     )
+    p.add_argument(
+        "--portable",
+        action="store_true",
+        help="write the model for stock ONNX Runtime (no QuantX library): MatMulNBits where "
+        "ORT runs the format natively, packed bit planes + standard ops elsewhere",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(run=_run_optimize)
 
@@ -221,6 +227,7 @@ def _run_optimize(args) -> int:
         e2e_epochs=args.e2e_epochs,
         block_steps=args.block_steps,
         device=args.device,
+        portable=args.portable,
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")
@@ -323,6 +330,12 @@ def _optimize_summary(report) -> str:
                 f"  layer output error: median {np.median(errs):.4f}, "
                 f"max {max(errs):.4f} (relative, over the calibration tokens)"
             )
+    if report.portable:
+        p = report.portable
+        lines.append(
+            f"  portable (stock ONNX Runtime): {p['matmulnbits']} MatMulNBits, "
+            f"{p['subgraph']} unpack+MatMul, {p['gathers']} unpack Gather"
+        )
     if report.copied:
         lines.append(f"  copied: {', '.join(report.copied)}")
     if report.genai and report.genai.written:
@@ -335,6 +348,38 @@ def _optimize_summary(report) -> str:
     steps = "".join(f", {name} {t:.0f} s" for name, t in report.phases.items())
     lines.append(f"  time: {report.seconds:.1f} s{steps}")
     return "\n".join(lines)
+
+
+# --- portable ------------------------------------------------------------------------------
+def _add_portable(sub):
+    p = sub.add_parser(
+        "portable",
+        help="convert a QuantX model for stock ONNX Runtime (no QuantX library needed)",
+        description="Replace every com.quantx node by ONNX Runtime's own operators: MatMulNBits "
+        "(2/4/8-bit, groups 16..256) or standard-op unpacking of packed bit planes (3-bit, "
+        "codebooks, ...). The weights stay packed in the file.",
+    )
+    p.add_argument("model", help="a QuantX .onnx file or export folder")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file or folder")
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="accuracy_level of the MatMulNBits nodes (default: each QuantX node's)",
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the output path")
+    p.set_defaults(run=_run_portable)
+
+
+def _run_portable(args) -> int:
+    from .errors import InputError
+    from .portable import convert
+
+    if args.accuracy_level is not None and args.accuracy_level not in (0, 1, 2, 3, 4):
+        raise InputError(f"--accuracy-level {args.accuracy_level}: must be 0..4")
+    report = convert(args.model, args.output, accuracy_level=args.accuracy_level)
+    print(report.output if args.quiet else report.summary())
+    return 0
 
 
 # --- bench ---------------------------------------------------------------------------------
@@ -374,6 +419,12 @@ def _add_bench(sub):
     d.add_argument("--new-tokens", type=int, default=64)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    d.add_argument(
+        "--stock-ort",
+        action="store_true",
+        help="run models without QuantX nodes (fp32, ORT 4-bit, portable) without the QuantX "
+        "library",
+    )
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(run=_run_bench_decode)
     f = bsub.add_parser(
@@ -554,6 +605,7 @@ def _run_bench_decode(args) -> int:
         new_tokens=args.new_tokens,
         rounds=args.rounds,
         measure_memory=not args.no_memory,
+        stock_ort=args.stock_ort,
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -617,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_optimize(sub)
+    _add_portable(sub)
     _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)

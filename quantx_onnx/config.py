@@ -62,6 +62,7 @@ class QuantConfig:
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
+    portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
 
     def parsed_overrides(self) -> list[tuple[str, dict]]:
         """User overrides, after the built-in one for the lm_head (embedding tables get theirs

@@ -245,7 +245,9 @@ def _write(folder: Path, model: ir.Model | None, filename: str, library: str | N
     pad = eos[0] if pad is None else pad
 
     has_custom_ops = any(
-        node.domain not in ("", "ai.onnx", "com.microsoft") for node in model.graph.all_nodes()
+        node.domain not in ("", "ai.onnx", "com.microsoft")
+        and node.op_identifier() not in model.functions  # model-local functions are inlined
+        for node in model.graph.all_nodes()
     )
     session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
     lib_name = None

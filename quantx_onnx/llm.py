@@ -33,11 +33,20 @@ class CacheSpec:
 class DecoderSession:
     """One ORT session over a decoder export, with KV-cache bookkeeping."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, options=None):
+    def __init__(
+        self, model: str | Path, threads: int | None = None, options=None, quantx_ops=True
+    ):
+        """``quantx_ops=False``: a plain ONNX Runtime session, without the QuantX library (for
+        portable models, which need none)."""
         source = resolve_input(model)
         self.path = source.model_path
         self.folder = source.folder or source.model_path.parent
-        so = session_options(options, threads=threads)
+        if quantx_ops:
+            so = session_options(options, threads=threads)
+        else:
+            so = options if options is not None else ort.SessionOptions()
+            if threads:
+                so.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(
                 str(self.path), so, providers=["CPUExecutionProvider"]
@@ -101,6 +110,16 @@ class DecoderSession:
         """Logits for a whole sequence from an empty cache (prefill only)."""
         logits, _ = self.step(ids, self.empty_cache(ids.shape[0]), 0)
         return logits
+
+
+def uses_quantx_ops(model: str | Path) -> bool:
+    """Whether the model (file or export folder) imports the QuantX op domain."""
+    import onnx
+
+    from .format import DOMAIN
+
+    proto = onnx.load(str(resolve_input(model).model_path), load_external_data=False)
+    return any(o.domain == DOMAIN for o in proto.opset_import)
 
 
 def load_generation_config(folder: Path) -> dict:

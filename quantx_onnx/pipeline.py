@@ -48,6 +48,7 @@ class OptimizeReport:
     plan: dict | None = None  # the bit allocation, when a budget was planned
     tuning: dict | None = None  # end-to-end tuning report
     genai: GenaiReport | None = None  # genai_config.json for onnxruntime-genai (export folders)
+    portable: dict | None = None  # --portable: what the QuantX nodes became (portable.py)
 
     @property
     def quantized_weights(self) -> int:
@@ -74,6 +75,7 @@ class OptimizeReport:
             "calibration": self.calibration,
             "plan": self.plan,
             "end_to_end": self.tuning,
+            "portable": self.portable,
             "attention_fused_layers": self.attention.fused,
             "genai": self.genai.to_json() if self.genai else None,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
@@ -419,7 +421,7 @@ def optimize(
 
     # Large models (external data) spill packed weights to disk as they are made, so memory
     # stays bounded by one weight rather than by the quantized model.
-    spill = None
+    spill = portable = None
     if source.uses_external_data:
         out_model.parent.mkdir(parents=True, exist_ok=True)
         spill = SpillFile(out_model.parent / f".{out_model.name}.{os.getpid()}.spill")
@@ -438,6 +440,10 @@ def optimize(
                 f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize "
                 f"({why})"
             )
+        if config.portable:
+            from .portable import to_portable
+
+            portable = dataclasses.asdict(to_portable(ir_model))
         with model_io.staged_output(out_model) as stage:
             staged = stage / out_model.name
             model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
@@ -472,6 +478,7 @@ def optimize(
         plan=plan.to_json() if plan else None,
         tuning=tuning,
         genai=genai,
+        portable=portable,
     )
     if config.report:
         with model_io.staged_output(Path(config.report)) as stage:

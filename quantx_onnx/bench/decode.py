@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..llm import DecoderSession
+from ..llm import DecoderSession, uses_quantx_ops
 from ..model_io import resolve_input
 
 
@@ -59,7 +59,9 @@ def run_once(session: DecoderSession, ids: np.ndarray, new_tokens: int) -> tuple
     return t1 - t0, time.perf_counter() - t1
 
 
-def peak_rss(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> int | None:
+def peak_rss(
+    model: str, threads: int, prompt_tokens: int, new_tokens: int, quantx_ops: bool = True
+) -> int | None:
     """Peak RSS of a child process that loads `model` and runs the workload once."""
     cmd = [
         sys.executable,
@@ -70,6 +72,7 @@ def peak_rss(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> i
         str(threads),
         str(prompt_tokens),
         str(new_tokens),
+        str(int(quantx_ops)),
     ]
     r = subprocess.run(
         cmd,
@@ -102,8 +105,10 @@ def peak_rss_self() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rss_child(model: str, threads: int, prompt_tokens: int, new_tokens: int) -> None:
-    session = DecoderSession(model, threads=threads)
+def _rss_child(
+    model: str, threads: int, prompt_tokens: int, new_tokens: int, quantx_ops: bool = True
+) -> None:
+    session = DecoderSession(model, threads=threads, quantx_ops=quantx_ops)
     run_once(session, prompt_ids(session.vocab, prompt_tokens), new_tokens)
     print(peak_rss_self())
 
@@ -116,8 +121,12 @@ def run(
     rounds: int = 3,
     measure_memory: bool = True,
     out=print,
+    stock_ort: bool = False,
 ) -> list[DecodeResult]:
-    sessions = {m: DecoderSession(m, threads=threads) for m in models}
+    """``stock_ort``: models without QuantX nodes (fp32, ORT 4-bit, portable QuantX) run in
+    plain ONNX Runtime sessions, the QuantX library not even loaded."""
+    ops = {m: not stock_ort or uses_quantx_ops(m) for m in models}
+    sessions = {m: DecoderSession(m, threads=threads, quantx_ops=ops[m]) for m in models}
     ids = prompt_ids(min(s.vocab for s in sessions.values()), prompt_tokens)
     for s in sessions.values():  # warm up
         run_once(s, ids, 4)
@@ -139,7 +148,7 @@ def run(
                 prefill_ms=1e3 * statistics.median(prefill[m]),
                 decode_tokens_per_s=(new_tokens - 1) / d,
                 decode_ms_per_token=1e3 * d / (new_tokens - 1),
-                peak_rss_bytes=peak_rss(m, threads, prompt_tokens, new_tokens)
+                peak_rss_bytes=peak_rss(m, threads, prompt_tokens, new_tokens, ops[m])
                 if measure_memory
                 else None,
             )
@@ -153,9 +162,10 @@ def run(
         f"{'peak RSS MB':>11}"
     )
     for r in results:
+        label = r.model if ops[r.model] else f"{r.model} [stock ORT]"
         rss = f"{r.peak_rss_bytes / 1e6:11.0f}" if r.peak_rss_bytes else f"{'n/a':>11}"
         out(
-            f"{r.model:<40} {r.file_bytes / 1e6:8.1f} {r.prefill_ms:10.1f} "
+            f"{label:<40} {r.file_bytes / 1e6:8.1f} {r.prefill_ms:10.1f} "
             f"{r.decode_tokens_per_s:7.1f} {r.decode_ms_per_token:7.2f} {rss}"
         )
     if len(results) > 1:
@@ -174,5 +184,5 @@ def to_json(results: list[DecodeResult]) -> str:
     return json.dumps([dataclasses.asdict(r) for r in results], indent=1)
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--rss-child":
-    _rss_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--rss-child":
+    _rss_child(sys.argv[2], *map(int, sys.argv[3:6]), bool(int(sys.argv[6])))
