@@ -148,6 +148,12 @@ def _add_optimize(sub):
         "calibrating; 0: off)",
     )
     p.add_argument(
+        "--e2e-rounding",
+        action="store_true",
+        help="end-to-end tuning also learns each code's rounding (one step up or down, "
+        "sign-gradient on the model's KL; slow on a CPU, meant for --device cuda)",
+    )
+    p.add_argument(
         "--block-steps",
         type=int,
         default=0,
@@ -225,6 +231,7 @@ def _run_optimize(args) -> int:
         budget_mb=args.budget_mb,
         uniform=args.uniform,
         e2e_epochs=args.e2e_epochs,
+        e2e_rounding=args.e2e_rounding,
         block_steps=args.block_steps,
         device=args.device,
         portable=args.portable,

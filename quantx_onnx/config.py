@@ -59,6 +59,7 @@ class QuantConfig:
     budget_mb: float | None = None
     uniform: bool = False
     e2e_epochs: int | None = None  # end-to-end tuning passes (None: E2E_EPOCHS calibrated)
+    e2e_rounding: bool = False  # end-to-end tuning also moves codes by one step (learned)
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes

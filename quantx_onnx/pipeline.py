@@ -284,6 +284,7 @@ def _tune(ir_model, cache, matches, feeds, config, progress) -> dict:
             matches,
             feeds,
             epochs=config.e2e_epochs,
+            rounding=config.e2e_rounding,
             input_channels=_tunes_input_channels(
                 [(q.fmt.K, q.fmt.N) for q in cache.values()], config
             ),

@@ -13,7 +13,7 @@ import pytest
 from quantx_onnx import QuantConfig, optimize, reference
 from quantx_onnx.calibration.stages import StageRunner, partition
 from quantx_onnx.calibration.stats import InputStats
-from quantx_onnx.format import Layout, WeightFormat, dequantize
+from quantx_onnx.format import DOMAIN, Layout, WeightFormat, dequantize
 from quantx_onnx.quantize.gptq import output_error, quantize_gptq
 from quantx_onnx.quantize.mse import clip_search
 from quantx_onnx.quantize.rtn import finish_uniform, quantize_rtn
@@ -362,3 +362,41 @@ def test_calibration_sources_mix_row_by_row(tiny_with_tokenizer, tmp_path):
     # rows 0, 2, 4 are the text's windows; rows 1 and 3 were generated
     assert np.array_equal(ids[[0, 2, 4]], from_text)
     assert not any((ids[r] == w).all() for r in (1, 3) for w in from_text)
+
+
+def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
+    """--e2e-rounding: codes move by at most one step, some do, held-out KL does not rise, and
+    the file means what its numpy reference says."""
+    sess = quantx_session(tiny_llama / "model.onnx")
+    calib = [llm_feeds(sess, seq=64, batch=4, seed=s) for s in range(8)]
+    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    reps, kl = {}, {}
+    for rounding in (False, True):
+        cfg = QuantConfig(bits=2, e2e_epochs=6, uniform=True, accuracy_level=0)
+        cfg.e2e_rounding = rounding
+        out = tmp_path / str(rounding)
+        reps[rounding] = optimize(tiny_llama, out, cfg, calib_feeds=calib)
+        kl[rounding] = _kl_to(tiny_llama / "model.onnx", out / "model.onnx", held_out)
+    t = reps[True].tuning
+    assert reps[False].tuning["codes_moved"] == 0
+    assert 0 < t["codes_moved"] < 0.2 * t["codes_tuned"], t
+    assert kl[True] <= kl[False] * 1.02, kl
+    # both runs start from the same GPTQ codes: learned rounding moved each by <= 1 step
+    plain, learned = (
+        {
+            n.name: reference.node_weight(n)
+            for n in ir.load(str(tmp_path / r / "model.onnx")).graph
+            if n.domain == DOMAIN
+        }
+        for r in ("False", "True")
+    )
+    steps = [np.abs(plain[k].codes.astype(int) - learned[k].codes.astype(int)) for k in plain]
+    assert max(int(d.max()) for d in steps) == 1
+    out = tmp_path / "True" / "model.onnx"
+    ref = reference.dequantized_model(ir.load(str(out)))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    q = quantx_session(out)
+    for g, w in zip(q.run(None, held_out[0]), ref_sess.run(None, held_out[0])):
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)

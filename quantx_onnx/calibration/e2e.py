@@ -53,6 +53,8 @@ class EndToEndReport:
     float_parameters: int  # 1-D float parameters tuned
     columns: int  # column multipliers tuned
     input_channels: int  # input-channel multipliers tuned
+    codes_moved: int  # codes moved by learned rounding (``rounding``), of ``codes_tuned``
+    codes_tuned: int
     seconds: float
     device: str
 
@@ -250,9 +252,12 @@ def tune_end_to_end(
         kls.append(loss.item())
 
     tuned = {}
+    moved = 0
     for key, q in weights.items():
         if key.initializer in rounders:
+            before = q.codes
             q = rounders[key.initializer].tuned()
+            moved += int(np.count_nonzero(q.codes != before))
         q = scale_columns(q, columns[key].detach().cpu().numpy())
         if key in rows:
             q = scale_inputs(q, rows[key].detach().cpu().numpy())
@@ -269,6 +274,8 @@ def tune_end_to_end(
         float_parameters=int(sum(p.numel() for p in float_params.values())),
         columns=int(sum(c.numel() for c in columns.values())),
         input_channels=int(sum(r.numel() for r in rows.values())),
+        codes_moved=moved,
+        codes_tuned=int(sum(r.codes.numel() for r in rounders.values())),
         seconds=time.perf_counter() - start,
         device=str(dev),
     )
