@@ -207,6 +207,37 @@ def aarch64_onnxruntime() -> Path:
     return lib
 
 
+# /proc/cpuinfo of one Neoverse-N1 core. ONNX Runtime's CPU detection (pytorch/cpuinfo) reads
+# /proc/cpuinfo and /sys/devices/system/cpu; under qemu-aarch64 those are the x86 host's, on
+# which it dereferences NULL while starting. qemu looks every path up under its -L root first,
+# so a root with an ARM cpuinfo and a single CPU in front of the cross sysroot fixes that.
+CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm \
+lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+
+"""
+
+
+def qemu_root(dest: Path) -> Path:
+    """The cross sysroot's folders (links) + an ARM /proc/cpuinfo + one CPU in /sys."""
+    cpu = dest / "sys" / "devices" / "system" / "cpu"
+    cpu.mkdir(parents=True, exist_ok=True)
+    (dest / "proc").mkdir(exist_ok=True)
+    (dest / "proc" / "cpuinfo").write_text(CPUINFO)
+    for name in ("possible", "present", "online"):
+        (cpu / name).write_text("0\n")
+    for sub in Path(SYSROOT).iterdir():
+        if not (dest / sub.name).exists():
+            (dest / sub.name).symlink_to(sub)
+    return dest
+
+
 def test_aarch64_example_under_qemu_matches_x86(case):
     """ARM64 end to end: library + example cross-built, the QuantX tiny Llama run by PyPI's
     aarch64 onnxruntime under qemu (NEON kernels), logits equal to the x86 Python run."""
@@ -216,7 +247,8 @@ def test_aarch64_example_under_qemu_matches_x86(case):
     cross = f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN}"
     prefix, headers = install_quantx("build-native-aarch64", cross)
     ort_dir = ort_lib_dir(lib, ROOT / "build-native-aarch64" / "ort")
-    run = [qemu, "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={ort_dir}"]
+    root = qemu_root(ROOT / "build-native-aarch64" / "qemu-root")
+    run = [qemu, "-L", str(root), "-E", f"LD_LIBRARY_PATH={ort_dir}"]
     expected = case[2]
 
     exe = build_example(
