@@ -260,6 +260,17 @@ def test_aarch64_example_under_qemu_matches_x86(case):
     assert "static registration, kernels neon" in stdout, stdout
     assert_matches(got, expected)
 
+    # the static entry's failures come back as an ORT status (here: no x86 kernels on ARM64)
+    model, inputs, _, tmp = case
+    r = subprocess.run(
+        [*run, "-E", "QUANTX_ISA=avx512", str(exe), str(model), str(inputs), str(tmp / "x.qxt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "kernels 'avx512' are not compiled" in r.stderr, r.stderr
+
     exe = build_example("build-native-aarch64/example", prefix, headers, ort_dir, False, cross)
     got, stdout = run_example([*run, str(exe)], case, {})
+    assert f"loaded {prefix / 'lib' / 'libquantx_ops.so'}" in stdout, stdout
     assert_matches(got, expected)
