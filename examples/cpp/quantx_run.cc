@@ -173,8 +173,7 @@ int main(int argc, char** argv) {
       Ort::TensorTypeAndShapeInfo info = results[i].GetTensorTypeAndShapeInfo();
       Tensor t{output_names[i], info.GetElementType(), info.GetShape(), {}};
       t.data.resize(Count(t.dims) * ElementSize(t.type));
-      if (!t.data.empty())
-        std::memcpy(t.data.data(), results[i].GetTensorRawData(), t.data.size());
+      if (!t.data.empty()) std::memcpy(t.data.data(), results[i].GetTensorRawData(), t.data.size());
       std::printf("%s: [", t.name.c_str());
       for (size_t d = 0; d < t.dims.size(); ++d)
         std::printf("%s%lld", d ? ", " : "", static_cast<long long>(t.dims[d]));
