@@ -235,7 +235,7 @@ def qemu_root(dest: Path) -> Path:
     for name in ("possible", "present", "online"):
         (cpu / name).write_text("0\n")
     for sub in Path(SYSROOT).iterdir():
-        if not (dest / sub.name).exists():
+        if not (dest / sub.name).is_symlink():
             (dest / sub.name).symlink_to(sub)
     return dest
 
