@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import model_io
+from .allocate import BudgetError
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
 from .config import QuantConfig
@@ -214,8 +215,6 @@ def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, p
     # end-to-end tuning adds an fp16 input scale (K values) to every quantized weight
     shapes = [w.shape for w in weights.values()]
     reserved = _input_scale_bytes(shapes) if _tunes_input_channels(shapes, config) else 0
-    from .allocate import BudgetError
-
     try:
         return make_plan(
             weights,
