@@ -172,7 +172,7 @@ def calibration_feeds(
     return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
 
 
-SENSITIVITY_BATCHES = 2  # calibration batches the Fisher pass reads (4096 tokens by default)
+SENSITIVITY_BATCHES = 4  # calibration batches the Fisher pass reads (8192 tokens by default)
 
 
 def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress):
