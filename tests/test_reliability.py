@@ -139,13 +139,24 @@ def test_disk_full(tmp_path, rng):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_midway_leaves_nothing(tmp_path, rng, sig):
     # big enough that quantizing and writing take a few seconds
-    weights = {f"w{i}": rng.standard_normal((2048, 2048)).astype(np.float32) for i in range(6)}
+    weights = {f"w{i}": rng.standard_normal((2048, 2048)).astype(np.float32) for i in range(12)}
     src = _model(tmp_path / "in" / "m.onnx", weights, external=True)
     before = _digests(src.parent)
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "quantx_onnx", "optimize", str(src), "-o", str(out / "q.onnx")],
+        # --method mse (a clip search per group) keeps it busy long enough to be interrupted
+        [
+            sys.executable,
+            "-m",
+            "quantx_onnx",
+            "optimize",
+            str(src),
+            "-o",
+            str(out / "q.onnx"),
+            "--method",
+            "mse",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
