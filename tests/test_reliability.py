@@ -157,6 +157,9 @@ def test_signal_midway_leaves_nothing(tmp_path, rng, sig):
             "--method",
             "mse",
         ],
+        # a shell's background job (CI run with `&`) starts with SIGINT ignored, and a child
+        # inherits that; the test is about our handling, so the child gets the default back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
