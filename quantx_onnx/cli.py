@@ -560,7 +560,8 @@ def _add_eval(sub):
         e.add_argument(
             "--text",
             required=True,
-            help="a UTF-8 file, or gensim:wiki-eval, gensim:wiki-calib, gensim:lee",
+            help="a UTF-8 file, or gensim:wiki-eval, gensim:wiki-calib, gensim:lee, "
+            "gensim:lee-calib",
         )
         e.add_argument("--max-tokens", type=int, default=16384)
         e.add_argument("--window", type=int, default=1024)
