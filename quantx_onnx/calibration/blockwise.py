@@ -24,7 +24,7 @@ import numpy as np
 
 from ..format import QuantizedWeight
 from ..passes import LinearMatch, WeightKey
-from .e2e import MULTIPLIER_RANGE, _node_wrapper, _Rounding, scale_columns
+from .e2e import _node_wrapper, _Rounding, scale_columns, tuning_step
 from .stages import Stage, _needed
 from .torch_graph import TorchStage
 
@@ -130,23 +130,10 @@ def refine_stage(
 
     before = full_loss()
     rng = np.random.default_rng(seed + stage.index)
-    round_lr = 1.5 / steps
+    multipliers, offsets = list(columns.values()), list(rounders.values())
     for step in range(steps):
         loss = loss_of(*batch(int(rng.integers(len(live)))), subs())
-        opt.zero_grad()
-        for r in rounders.values():
-            r.offset.grad = None
-        loss.backward()
-        decay = 1.0 - step / steps
-        for group in opt.param_groups:
-            group["lr"] = lr * decay
-        opt.step()
-        with torch.no_grad():
-            for c in columns.values():
-                c.clamp_(*MULTIPLIER_RANGE)
-            for r in rounders.values():
-                if r.offset.grad is not None:
-                    r.offset.sub_(round_lr * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
+        tuning_step(torch, loss, opt, multipliers, offsets, lr, step, steps)
     after = full_loss()
     kept = after < before
     out = dict(weights)

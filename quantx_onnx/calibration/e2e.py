@@ -128,6 +128,27 @@ class _Rounding:
         return dataclasses.replace(self.q, codes=codes.cpu().numpy().astype(np.uint8))
 
 
+def tuning_step(torch, loss, opt, multipliers, rounders, lr, step, steps) -> None:
+    """One step of the schedule end-to-end tuning and block reconstruction share: Adam on the
+    multipliers (clamped to MULTIPLIER_RANGE) and sign gradient descent on the rounding offsets
+    (clamped to [-1, 1]), both learning rates decaying linearly to zero over ``steps``. A code
+    moves only where the gradient's sign mostly agrees (offset step 1.5 / steps)."""
+    opt.zero_grad()
+    for r in rounders:
+        r.offset.grad = None
+    loss.backward()
+    decay = 1.0 - step / steps
+    for group in opt.param_groups:
+        group["lr"] = lr * decay
+    opt.step()
+    with torch.no_grad():
+        for p in multipliers:
+            p.clamp_(*MULTIPLIER_RANGE)
+        for r in rounders:
+            if r.offset.grad is not None:
+                r.offset.sub_(1.5 / steps * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
+
+
 def _node_wrapper(m: LinearMatch, c, r):
     """The function run in place of ``m``'s node: its weight read as diag(r) W diag(c)."""
     if m.rule == "gather":  # rows of E = W^T: row n scaled by c[n], channel k by r[k]
@@ -222,7 +243,6 @@ def tune_end_to_end(
         cache = [teacher(f).half() for f in feeds]
 
     steps = max(1, epochs) * len(feeds)
-    round_lr = 1.5 / steps  # a code moves only where the gradient's sign mostly agrees
     rng = np.random.default_rng(seed)
     order = [int(j) for _ in range(max(1, epochs)) for j in rng.permutation(len(feeds))]
     kls: list[float] = []
@@ -235,20 +255,7 @@ def tune_end_to_end(
         out = torch.log_softmax(graph(tensors(f), subs, wrap=wrap)[logits.name].float(), dim=-1)
         tokens = out.numel() // out.shape[-1]
         loss = (target.exp() * (target - out)).sum() / tokens
-        opt.zero_grad()
-        for r in rounders.values():
-            r.offset.grad = None
-        loss.backward()
-        decay = 1.0 - step / steps
-        for group in opt.param_groups:
-            group["lr"] = lr * decay
-        opt.step()
-        with torch.no_grad():
-            for p in multipliers:
-                p.clamp_(*MULTIPLIER_RANGE)
-            for r in rounders.values():
-                if r.offset.grad is not None:
-                    r.offset.sub_(round_lr * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
+        tuning_step(torch, loss, opt, multipliers, list(rounders.values()), lr, step, steps)
         kls.append(loss.item())
 
     tuned = {}
