@@ -217,6 +217,16 @@ def _kl_to(fp_path, q_path, feeds) -> float:
     return total / len(feeds)
 
 
+def _assert_means_its_reference(path, feeds) -> None:
+    """The QuantX file's outputs equal its numpy-dequantized float reference's (ORT, fp32)."""
+    ref = reference.dequantized_model(ir.load(str(path)))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for g, w in zip(quantx_session(path).run(None, feeds), ref_sess.run(None, feeds)):
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
+
+
 @pytest.fixture(scope="module")
 def self_calibrated(tiny_with_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("selfcal") / "q"
@@ -242,14 +252,8 @@ def test_self_calibrated_model_equals_its_dequantized_reference(self_calibrated)
     """Tuned scales are folded into the stored ones and tuned norm weights written back: the
     file means exactly what the numpy reference of its weights says."""
     out, _ = self_calibrated
-    sess = quantx_session(out / "model.onnx")
-    ref = reference.dequantized_model(ir.load(str(out / "model.onnx")))
-    ref_sess = ort.InferenceSession(
-        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    feeds = llm_feeds(sess, seq=21, batch=2, seed=5)
-    for g, w in zip(sess.run(None, feeds), ref_sess.run(None, feeds)):
-        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
+    feeds = llm_feeds(quantx_session(out / "model.onnx"), seq=21, batch=2, seed=5)
+    _assert_means_its_reference(out / "model.onnx", feeds)
 
 
 def test_data_free_keeps_round_to_nearest(tiny_with_tokenizer, tmp_path):
@@ -319,13 +323,7 @@ def test_block_reconstruction_lowers_layer_error_and_keeps_the_format(tiny_llama
     assert sum(b["kept"] for b in blocks) >= 2, blocks
     assert kl[48] < kl[0], kl  # 15% lower here
     out = tmp_path / "48" / "model.onnx"
-    ref = reference.dequantized_model(ir.load(str(out)))
-    ref_sess = ort.InferenceSession(
-        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    q = quantx_session(out)
-    for g, w in zip(q.run(None, held_out[0]), ref_sess.run(None, held_out[0])):
-        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
+    _assert_means_its_reference(out, held_out[0])
 
 
 def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(tiny_llama, tmp_path):
@@ -393,10 +391,4 @@ def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     steps = [np.abs(plain[k].codes.astype(int) - learned[k].codes.astype(int)) for k in plain]
     assert max(int(d.max()) for d in steps) == 1
     out = tmp_path / "True" / "model.onnx"
-    ref = reference.dequantized_model(ir.load(str(out)))
-    ref_sess = ort.InferenceSession(
-        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    q = quantx_session(out)
-    for g, w in zip(q.run(None, held_out[0]), ref_sess.run(None, held_out[0])):
-        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
+    _assert_means_its_reference(out, held_out[0])
