@@ -76,16 +76,13 @@ def build_models(cache: Path, out=print, calib: bool = True, progress=None) -> d
 
     fp32 = smollm2_fp32(cache, out, progress)
     ort4 = cache / "smollm2-ort4-b32"
-    # the default recipe (self-calibrated), or calibrated on real text (docs/ACCURACY.md)
-    q3 = cache / ("smollm2-quantx3-wiki" if calib else "smollm2-quantx3-self")
+    # calibrated on Wikipedia (the best recipe of docs/ACCURACY.md), or data-free (demo
+    # --data-free); cache names tell the recipes apart
+    q3 = cache / ("smollm2-quantx3-wiki" if calib else "smollm2-quantx3-datafree")
     if not (q3 / "model.onnx").is_file():
-        label = (
-            " calibrated on Wikipedia (gensim:wiki-calib)"
-            if calib
-            else ", the default: calibrated on text the model writes itself (~9 min on 2 cores)"
-        )
+        label = " calibrated on Wikipedia (gensim:wiki-calib)" if calib else ", data-free"
         t = _step("quantizing to QuantX 3-bit" + label, out)
-        cfg = QuantConfig(calib="gensim:wiki-calib") if calib else QuantConfig()
+        cfg = QuantConfig(calib="gensim:wiki-calib" if calib else None, data_free=not calib)
         report = optimize(fp32, q3, cfg, progress=progress)
         out(
             f"[demo]   {len(report.linear.rewritten)} nodes rewritten, "
