@@ -248,6 +248,7 @@ def _max_positions(folder: Path | None, default: int = 4096) -> int:
     if folder is not None and (folder / "config.json").is_file():
         try:
             cfg = json.loads((folder / "config.json").read_text())
+            cfg = cfg.get("text_config", cfg)  # a VLM's (LLaVA) decoder settings
             return int(cfg.get("max_position_embeddings", default))
         except (ValueError, OSError):
             pass

@@ -123,6 +123,21 @@ def _add_optimize(sub):
         "'A+B' mixes sources, e.g. gensim:wiki-calib+self",
     )
     p.add_argument(
+        "--calib-images",
+        default=None,
+        metavar="DIR",
+        help="VLM folders: calibration images (a folder or one file) for the vision encoder, "
+        "also placed before the --calib-text windows",
+    )
+    p.add_argument(
+        "--component",
+        action="append",
+        default=[],
+        metavar="NAME=BITS,...",
+        help="VLM folders: bits per component, vision, text, embed (default vision=4, text "
+        "--bits, embed as text; 'float' keeps one unquantized), e.g. vision=4,text=3",
+    )
+    p.add_argument(
         "--data-free",
         action="store_true",
         help="never calibrate: round-to-nearest, as fast as possible (lower quality)",
@@ -235,6 +250,8 @@ def _run_optimize(args) -> int:
         block_steps=args.block_steps,
         device=args.device,
         portable=args.portable,
+        components=tuple(args.component),
+        calib_images=args.calib_images,
     )
     report = optimize(
         args.model, args.output, config, progress=None if args.quiet else _progress("weights")
@@ -242,7 +259,16 @@ def _run_optimize(args) -> int:
     if args.quiet:
         print(report.output)
         return 0
-    print(_optimize_summary(report))
+    parts = getattr(report, "components", None)  # a VLM folder: one summary per graph
+    if parts is None:
+        print(_optimize_summary(report))
+    else:
+        print(f"QuantX optimize (VLM): {report.input} -> {report.output}")
+        for component, part in parts.items():
+            print(f"[{component}] " + _optimize_summary(part))
+        for component in report.kept_float:
+            print(f"[{component}] kept in float (--component {component}=float)")
+        print(f"  copied: {', '.join(report.copied)}")
     if args.output is None:
         where = Path(report.output)
         print(f"wrote {where.parent if Path(args.model).is_dir() else where} (no -o given)")
@@ -493,8 +519,8 @@ def _run_export(args) -> int:
 
     start = time.perf_counter()
     done = export(args.source, args.output, quiet=not args.verbose, progress=_progress("export"))
-    path = done.model
-    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+    path = done.model if done.model.name == "model.onnx" else done.model.parent  # VLM: folder
+    size = sum(f.stat().st_size for f in done.model.parent.iterdir() if ".onnx" in f.name)
     print(
         f"exported {args.source} -> {path} ({_human_bytes(size)}, "
         f"{time.perf_counter() - start:.1f} s)"
@@ -514,6 +540,13 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        help="an image file for a VLM export folder (repeatable; each <image> in the prompt "
+        "takes one, else they go first)",
+    )
     p.set_defaults(run=_run_generate)
 
 
@@ -538,6 +571,7 @@ def _run_generate(args) -> int:
         threads=args.threads,
         on_text=show,
         stats=stats,
+        image=args.image,
     )
     print()
     print(

@@ -64,6 +64,10 @@ class QuantConfig:
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
     portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
+    # VLM folders (quantx_onnx.vlm): per-component bits ("vision=4,text=3") and calibration
+    # images (a folder or one file)
+    components: tuple[str, ...] = ()
+    calib_images: str | None = None
 
     def parsed_overrides(self) -> list[tuple[str, dict]]:
         """User overrides, after the built-in one for the lm_head (embedding tables get theirs
@@ -142,8 +146,8 @@ class QuantConfig:
                 f"--embedding-bits {self.embedding_bits}: choose 0 or one of "
                 f"{', '.join(map(str, SUPPORTED_BITS))}"
             )
-        if self.data_free and self.calib:
-            raise InputError("--data-free and --calib-text exclude each other")
+        if self.data_free and (self.calib or self.calib_images):
+            raise InputError("--data-free and --calib-text/--calib-images exclude each other")
         if self.budget_bpw is not None and self.budget_mb is not None:
             raise InputError("give one of --budget-bpw and --budget-mb")
         if self.budget_bpw is not None and not 1.0 < self.budget_bpw <= 32:

@@ -94,14 +94,14 @@ STEPS = ("loading the model", "exporting with optimum", "checking logits")
 
 @dataclasses.dataclass
 class Exported:
-    model: Path  # the exported model.onnx
-    check: LogitCheck
+    model: Path  # the exported model.onnx (a VLM's decoder_model_merged.onnx)
+    check: LogitCheck  # a VLM's: vlm.export.GraphCheck
 
 
-def _steps(progress):
-    """``next_step()`` advancing a progress bar over STEPS (nothing without ``progress``)."""
-    bar = progress(STEPS, desc="export") if progress else None
-    it = iter(bar if bar is not None else STEPS)
+def _steps(progress, steps=STEPS):
+    """``next_step()`` advancing a progress bar over ``steps`` (nothing without ``progress``)."""
+    bar = progress(steps, desc="export") if progress else None
+    it = iter(bar if bar is not None else steps)
 
     def next_step():
         name = next(it, None)
@@ -121,6 +121,13 @@ def export(src: str | Path, out: str | Path, *, quiet: bool = True, progress=Non
     if out.resolve() == src.resolve() or (src.is_dir() and src.resolve() in out.resolve().parents):
         raise OutputError(f"{out}: choose an output folder outside the input")
     _require_export_deps()
+    from .vlm import export as vlm_export
+
+    if vlm_export.is_vlm_source(src):  # LLaVA: three graphs (quantx_onnx.vlm)
+        next_step, finish = _steps(progress, vlm_export.STEPS)
+        done = vlm_export.export_vlm(src, out, quiet, next_step)
+        finish()
+        return done
     from optimum.exporters.onnx import main_export
 
     next_step, finish = _steps(progress)

@@ -123,14 +123,22 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     session: DecoderSession | None = None,
     stats: GenerationStats | None = None,
+    image=None,
 ) -> str:
     """Generate a continuation of ``prompt`` with an exported decoder (fp32, ORT 4-bit or
     QuantX); with ``chat`` the model's chat template wraps the prompt when it has one.
-    ``on_text`` receives the new text as it is produced (streaming)."""
-    session = session or DecoderSession(model_dir, threads=threads)
-    tok = Tokenizer(session.folder)
-    text = tok.chat_prompt(prompt) if chat else prompt
-    ids = tok.encode(text)
+    ``on_text`` receives the new text as it is produced (streaming). ``image`` (a path, PIL
+    image or array, or a list of them) needs a VLM export folder (:mod:`.vlm`)."""
+    from . import vlm
+
+    if image is not None or vlm.is_vlm_folder(model_dir):
+        from .vlm.generate import prepare
+
+        session, ids, tok = prepare(model_dir, prompt, image, chat, threads, session)
+    else:
+        session = session or DecoderSession(model_dir, threads=threads)
+        tok = Tokenizer(session.folder)
+        ids = tok.encode(tok.chat_prompt(prompt) if chat else prompt)
     eos = set(eos_ids(session.folder, tok))
     cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
     out: list[int] = []

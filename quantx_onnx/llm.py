@@ -54,7 +54,9 @@ class DecoderSession:
         except Exception as e:
             raise InputError(f"{self.path}: ONNX Runtime cannot load it ({e})") from e
         inputs = {i.name: i for i in self.session.get_inputs()}
-        if "input_ids" not in inputs:
+        # a VLM's decoder takes inputs_embeds (the embedding is its own graph, quantx_onnx.vlm)
+        self.first_input = next((n for n in ("input_ids", "inputs_embeds") if n in inputs), None)
+        if self.first_input is None:
             raise InputError(f"{self.path}: not a decoder export (no input_ids input)")
         self.input_names = set(inputs)
         keys = sorted(
@@ -91,8 +93,22 @@ class DecoderSession:
     def step(self, ids: np.ndarray, past: list[ort.OrtValue], past_len: int):
         """Run `ids` [batch, seq] after `past_len` cached positions; returns (logits as numpy,
         new cache as ORT values)."""
-        batch, seq = ids.shape
-        feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ids, np.int64))}
+        if self.first_input != "input_ids":
+            raise InputError(
+                f"{self.path}: this decoder takes inputs_embeds, not token ids (a VLM export: "
+                "generate with quantx_onnx.generate on its folder)"
+            )
+        return self._run(np.ascontiguousarray(ids, np.int64), past, past_len)
+
+    def step_embeds(self, embeds: np.ndarray, past: list[ort.OrtValue], past_len: int):
+        """``step`` for a decoder fed ``inputs_embeds`` [batch, seq, hidden]."""
+        if self.first_input != "inputs_embeds":
+            raise InputError(f"{self.path}: this decoder takes input_ids, not inputs_embeds")
+        return self._run(np.ascontiguousarray(embeds, np.float32), past, past_len)
+
+    def _run(self, first: np.ndarray, past: list[ort.OrtValue], past_len: int):
+        batch, seq = first.shape[:2]
+        feeds = {self.first_input: ort.OrtValue.ortvalue_from_numpy(first)}
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(
                 np.ones((batch, past_len + seq), np.int64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from . import model_io
+from . import model_io, vlm
 from .allocate import BudgetError
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
@@ -326,6 +326,16 @@ def optimize(
     if calib_feeds is not None and not config.calib:
         config = dataclasses.replace(config, calib="<feeds>")
     config.validate()
+    if vlm.is_vlm_folder(model):  # several graphs, a recipe per component
+        if calib_feeds is not None:
+            raise InputError(f"{model}: a VLM folder calibrates from --calib-text/--calib-images")
+        from .vlm.optimize import optimize_vlm
+
+        return optimize_vlm(model, output, config, progress)
+    if config.components or config.calib_images:
+        raise InputError(
+            f"{model}: --component and --calib-images need a VLM export folder (with {vlm.VISION})"
+        )
     target = resolve_target(config.target)
     level = target.accuracy_level if config.accuracy_level is None else config.accuracy_level
     source = model_io.resolve_input(model)
@@ -480,7 +490,12 @@ def optimize(
         genai=genai,
         portable=portable,
     )
-    if config.report:
-        with model_io.staged_output(Path(config.report)) as stage:
-            (stage / Path(config.report).name).write_text(json.dumps(report.to_json(), indent=1))
+    write_report(config.report, report)
     return report
+
+
+def write_report(path: str | None, report) -> None:
+    """``report.to_json()`` to ``path`` (atomically), when a path is given."""
+    if path:
+        with model_io.staged_output(Path(path)) as stage:
+            (stage / Path(path).name).write_text(json.dumps(report.to_json(), indent=1))

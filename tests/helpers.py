@@ -59,15 +59,12 @@ def random_quantized(rng, K, N, bits, group, layout, symmetric=False, **fmt_kw):
     return quantize_rtn(w, fmt, symmetric=symmetric), w
 
 
-def export_tiny_llama(folder: Path, layers: int = 2, tie: bool = True) -> Path:
-    """Random tiny Llama -> optimum ONNX export (text-generation-with-past)."""
-    import torch
-    from optimum.exporters.onnx import main_export
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab: int = 320, layers: int = 2, tie: bool = True, **extra):
+    """The tiny Llama of the tests: hidden 64, 4 heads over 2 KV heads, MLP 160."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=320,
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=layers,
@@ -75,8 +72,18 @@ def export_tiny_llama(folder: Path, layers: int = 2, tie: bool = True) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
+        **extra,
     )
-    model = LlamaForCausalLM(config).eval()
+
+
+def export_tiny_llama(folder: Path, layers: int = 2, tie: bool = True) -> Path:
+    """Random tiny Llama -> optimum ONNX export (text-generation-with-past)."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(layers=layers, tie=tie)).eval()
     hf = folder / "hf"
     model.save_pretrained(hf)
     out = folder / "onnx"
@@ -98,6 +105,20 @@ def llm_feeds(session, seq: int = 7, batch: int = 1, seed: int = 0, vocab: int =
             heads, dim = i.shape[1], i.shape[3]
             feeds[i.name] = np.zeros((batch, heads, 0, dim), np.float32)
     return {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+
+
+def assert_means_its_reference(path, feeds) -> None:
+    """The QuantX file's outputs equal its numpy-dequantized float reference's (ORT, fp32)."""
+    import onnx_ir as ir
+
+    from quantx_onnx import reference
+
+    ref = reference.dequantized_model(ir.load(str(path)))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for g, w in zip(quantx_session(path).run(None, feeds), ref_sess.run(None, feeds)):
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
 
 
 def rel_err(got, ref) -> float:
@@ -142,19 +163,10 @@ def write_tiny_gguf(path: Path, vocab: int = 320) -> Path:
 
     import gguf
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama_config(vocab)
     model = LlamaForCausalLM(cfg).eval()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(cfg.max_position_embeddings)
@@ -232,3 +244,69 @@ def genai_greedy(og, folder, prompt: list[int], n: int) -> tuple[list[int], list
         gen.generate_next_token()
         ids.append(int(gen.get_next_tokens()[0]))
     return ids, logits
+
+
+LLAVA_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<image>")
+
+
+def write_tiny_llava(folder: Path, vocab: int = 320) -> Path:
+    """A random tiny LLaVA (CLIP vision tower 32x32 px in 8x8 patches -> 16 image tokens,
+    2-layer Llama) saved with ``save_pretrained`` plus a LlavaProcessor (byte-level BPE
+    tokenizer with an ``<image>`` token, CLIPImageProcessor), built offline."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(2)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tiny_bpe(vocab, LLAVA_SPECIALS),
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = tiny_llama_config(
+        vocab, tie=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a random model's logits are flat: sharpen them so greedy is stable
+        model.lm_head.weight.mul_(8.0)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
