@@ -100,9 +100,13 @@ def prepare(folder, prompt: str, images, chat: bool, threads, session=None):
     session = session if isinstance(session, VlmSession) else VlmSession(folder, threads)
     tok = Tokenizer(folder)
     marker = tok.decode([session.image_token], skip_special=False)
-    if images and marker not in prompt:
-        prompt = f"{marker}\n" * len(images) + prompt
-    text = tok.chat_prompt(prompt) if chat else prompt
+    placed = marker in prompt
+    if chat and tok.takes_parts:  # a processor's template places the images itself
+        text = tok.chat_prompt(prompt, images=0 if placed else len(images))
+    else:
+        if images and not placed:
+            prompt = f"{marker}\n" * len(images) + prompt
+        text = tok.chat_prompt(prompt) if chat else prompt
     ids = tok.encode(text)
     if ids.count(session.image_token) != len(images):
         raise InputError(
