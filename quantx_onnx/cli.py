@@ -270,8 +270,9 @@ def _run_optimize(args) -> int:
             print(f"[{component}] kept in float (--component {component}=float)")
         print(f"  copied: {', '.join(report.copied)}")
     if args.output is None:
-        where = Path(report.output)
-        print(f"wrote {where.parent if Path(args.model).is_dir() else where} (no -o given)")
+        where = Path(report.output)  # a VLM report's output is the folder itself
+        folder = Path(args.model).is_dir() and parts is None
+        print(f"wrote {where.parent if folder else where} (no -o given)")
     return 0
 
 

@@ -211,12 +211,15 @@ def test_quantized_folder_generates_from_an_image(optimized, llava):
 
 def test_optimize_prints_a_summary_per_component(llava, tmp_path, capsys):
     _, out, _ = llava
-    argv = ["optimize", str(out), "-o", str(tmp_path / "q"), "--component", "vision=float"]
-    assert main(argv) == 0
+    folder = tmp_path / "onnx"
+    shutil.copytree(out, folder)
+    assert main(["optimize", str(folder), "--component", "vision=float"]) == 0
     text = capsys.readouterr().out
     assert "[text] QuantX optimize" in text and "[embed] QuantX optimize" in text
     assert "[vision] kept in float" in text
-    assert _bits(tmp_path / "q" / VISION) == set()
+    q = tmp_path / "onnx-quantx"  # the default output, beside the input
+    assert text.strip().endswith(f"wrote {q} (no -o given)")
+    assert _bits(q / VISION) == set() and _bits(q / DECODER)
 
 
 def test_calibrated_optimize_reads_images_and_text(llava, tmp_path):
