@@ -249,30 +249,23 @@ def genai_greedy(og, folder, prompt: list[int], n: int) -> tuple[list[int], list
 LLAVA_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<image>")
 
 
-def write_tiny_llava(folder: Path, vocab: int = 320) -> Path:
+def write_tiny_llava(folder: Path, vocab: int = 320, anyres: bool = False) -> Path:
     """A random tiny LLaVA (CLIP vision tower 32x32 px in 8x8 patches -> 16 image tokens,
     2-layer Llama) saved with ``save_pretrained`` plus a LlavaProcessor (byte-level BPE
-    tokenizer with an ``<image>`` token, CLIPImageProcessor), built offline."""
+    tokenizer with an ``<image>`` token, CLIPImageProcessor), built offline. ``anyres``: the
+    LLaVA-NeXT variant (crops at 32x64, 64x32 or 64x64 px and an image-newline vector)."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    import transformers as tf
 
     torch.manual_seed(2)
-    tok = PreTrainedTokenizerFast(
+    tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=tiny_bpe(vocab, LLAVA_SPECIALS),
         bos_token="<|im_start|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         model_input_names=["input_ids", "attention_mask"],
     )
-    image_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
+    vision = tf.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -284,23 +277,30 @@ def write_tiny_llava(folder: Path, vocab: int = 320) -> Path:
     text = tiny_llama_config(
         vocab, tie=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    model = LlavaForConditionalGeneration(config).eval()
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": tok.convert_tokens_to_ids("<image>"),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+    }
+    images = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    if anyres:
+        model = tf.LlavaNextForConditionalGeneration(
+            tf.LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+        )
+        image_processor = tf.LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **images)
+        make_processor = tf.LlavaNextProcessor
+    else:
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common))
+        image_processor = tf.CLIPImageProcessor(**images)
+        make_processor = tf.LlavaProcessor
+    model.eval()
     with torch.no_grad():  # a random model's logits are flat: sharpen them so greedy is stable
         model.lm_head.weight.mul_(8.0)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        do_convert_rgb=True,
-    )
-    processor = LlavaProcessor(
+    processor = make_processor(
         image_processor=image_processor,
         tokenizer=tok,
         patch_size=8,

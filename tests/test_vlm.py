@@ -222,14 +222,15 @@ def test_optimize_prints_a_summary_per_component(llava, tmp_path, capsys):
     assert _bits(q / VISION) == set() and _bits(q / DECODER)
 
 
-def test_calibrated_optimize_reads_images_and_text(llava, tmp_path):
+@pytest.mark.parametrize("variant", ["llava", "llava_next"])
+def test_calibrated_optimize_reads_images_and_text(variant, request, tmp_path):
     from PIL import Image
 
-    _, out, _ = llava
+    _, out, _ = request.getfixturevalue(variant)
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(3):
-        Image.fromarray(_image(10 + i)).save(images / f"{i}.png")
+    for i, shape in enumerate([(40, 52, 3), (70, 30, 3), (33, 33, 3)]):  # NeXT: 3 lengths
+        Image.fromarray(_image(10 + i, shape)).save(images / f"{i}.png")
     text = tmp_path / "calib.txt"
     words = [f"{a}{b}{c}" for a in "bcdfgh" for b in "aeiou" for c in "lmnprst"]
     text.write_text(" ".join(words * 2))
@@ -243,11 +244,53 @@ def test_calibrated_optimize_reads_images_and_text(llava, tmp_path):
         accuracy_level=0,
     )
     rep = optimize(out, tmp_path / "q", cfg)
-    assert rep.components["vision"].calibration["batches"] == 1
+    assert rep.components["vision"].calibration["batches"] >= 1
     assert rep.components["text"].calibration["source"] == str(text)
     assert rep.components["embed"].calibration is None  # a table: round-to-nearest
     for name, feeds in _graph_feeds(tmp_path / "q").items():
         assert_means_its_reference(tmp_path / "q" / name, feeds)
+
+
+# --- LLaVA-NeXT: any-resolution crops, packed with image-newline rows ---------------------
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    from quantx_onnx.export import export
+
+    root = tmp_path_factory.mktemp("llava_next")
+    hf = write_tiny_llava(root / "hf", anyres=True)
+    return hf, root / "onnx", export(hf, root / "onnx").check
+
+
+def test_llava_next_generates_token_for_token_as_transformers(llava_next):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf, out, check = llava_next
+    assert check.max_abs_diff < 1e-4, check.summary()
+    assert VlmSession(out).vision.get_outputs()[1].name == "image_newline"
+    model = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(hf)
+    runs = []
+    for seed, shape in enumerate([(40, 52, 3), (70, 30, 3), (20, 20, 3)]):  # 5, 3, 5 crops
+        img = _image(seed, shape)
+        inputs = _hf_inputs(processor, img)
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        session, ids, _ = prepare(out, PROMPT, img, chat=False, threads=None)
+        assert ids == inputs["input_ids"][0].tolist()  # as many image tokens as packed rows
+        got = list(generate_ids(session, ids, SamplingConfig(max_new_tokens=8)))
+        assert got == seq[0, len(ids) :].tolist()
+        runs.append((len(ids), got))
+    assert len({n for n, _ in runs}) == 3 and len({tuple(g) for _, g in runs}) == 3
+
+
+def test_llava_next_quantized_graphs_equal_their_references(llava_next, tmp_path):
+    _, out, _ = llava_next
+    cfg = QuantConfig(components=("vision=4,text=3",), accuracy_level=0)
+    rep = optimize(out, tmp_path / "q", cfg)
+    assert rep.components["vision"].config.bits == 4 and _bits(tmp_path / "q" / VISION) == {4}
+    for name, feeds in _graph_feeds(tmp_path / "q").items():
+        assert_means_its_reference(tmp_path / "q" / name, feeds)
+    assert generate(tmp_path / "q", PROMPT, 4, image=_image(0), chat=False)
 
 
 # --- clear errors ---------------------------------------------------------------------------
@@ -291,12 +334,18 @@ def test_unsupported_vision_language_models_are_named(llava, tmp_path):
     from quantx_onnx.export import export
 
     hf, _, _ = llava
-    other = tmp_path / "next"
+    other = tmp_path / "onevision"
     shutil.copytree(hf, other)
     cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "llava_next"}))
-    with pytest.raises(InputError, match="llava_next"):
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "llava_onevision"}))
+    with pytest.raises(InputError, match="llava_onevision"):
         export(other, tmp_path / "out")
+    (hf / "preprocessor_config.json").rename(other / "moved.json")
+    try:
+        with pytest.raises(InputError, match="preprocessor_config.json: missing"):
+            export(hf, tmp_path / "out")
+    finally:
+        (other / "moved.json").rename(hf / "preprocessor_config.json")
 
 
 def test_quantx_sessions_load_every_graph(optimized):

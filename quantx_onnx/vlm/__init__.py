@@ -1,7 +1,9 @@
 """Vision-language models (LLaVA): a folder of three ONNX graphs instead of one.
 
 - ``vision_encoder.onnx``: ``pixel_values`` [images, 3, H, W] -> ``image_features``
-  [images, tokens, hidden] (the CLIP tower's selected layer through the projector);
+  [images, tokens, hidden] (the CLIP tower's selected layer through the projector; for
+  LLaVA-NeXT the images are an image's crops, and a second output ``image_newline`` is the
+  row separator :mod:`.anyres` packs them with);
 - ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text model's table);
 - ``decoder_model_merged.onnx``: optimum's decoder with a KV cache, fed ``inputs_embeds``
   instead of ``input_ids`` (inputs_embeds, attention_mask, position_ids,
@@ -22,7 +24,7 @@ VISION = "vision_encoder.onnx"
 EMBED = "embed_tokens.onnx"
 DECODER = "decoder_model_merged.onnx"
 GRAPHS = {"vision": VISION, "embed": EMBED, "text": DECODER}  # component -> file
-SUPPORTED = ("llava",)  # config.json model_type values the exporter handles
+SUPPORTED = ("llava", "llava_next")  # config.json model_type values the exporter handles
 
 
 def is_vlm_folder(path: str | Path) -> bool:

@@ -84,11 +84,14 @@ def _vision_module(llava):
             super().__init__()
             self.tower = llava.model.vision_tower
             self.projector = llava.model.multi_modal_projector
+            self.newline = getattr(llava.model, "image_newline", None)  # LLaVA-NeXT
 
         def forward(self, pixel_values):
             hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
             selected = torch.cat([hidden[i][:, first:] for i in layers], dim=-1)
-            return self.projector(selected)
+            if self.newline is None:
+                return self.projector(selected)
+            return self.projector(selected), self.newline * 1.0
 
     return Vision().eval()
 
@@ -121,6 +124,23 @@ def _export_module(module, args, path: Path, inputs, outputs, axes) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    _name_outputs(path, outputs)
+
+
+def _name_outputs(path: Path, names: list[str]) -> None:
+    """Give the graph outputs their names where the exporter could not (an output that is a
+    constant, like LLaVA-NeXT's image_newline, keeps its initializer's name)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    renamed = False
+    for output, name in zip(model.graph.output, names):
+        if output.name != name:
+            model.graph.node.append(onnx.helper.make_node("Identity", [output.name], [name]))
+            output.name = name
+            renamed = True
+    if renamed:
+        onnx.save(model, str(path))
 
 
 def _text_model(llava):
@@ -199,23 +219,24 @@ def _check(llava, folder: Path, tokens: int = 24, seed: int = 0) -> GraphCheck:
 
     cfg = llava.config
     rng = np.random.default_rng(seed)
-    size = cfg.vision_config.image_size
-    pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    image = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    session = VlmSession(folder, threads=None)
+    pixels, size = session.pixels(image)
+    inputs = {"pixel_values": torch.from_numpy(pixels)}
+    if size is not None:
+        inputs["image_sizes"] = torch.tensor([size])
     with torch.no_grad():
-        feats = llava.model.get_image_features(torch.from_numpy(pixels))[0][None].numpy()
-    n_image = feats.shape[1]
+        feats = llava.model.get_image_features(**inputs)[0].numpy()
     text_ids = rng.integers(0, cfg.text_config.vocab_size, tokens, dtype=np.int64)
     text_ids[text_ids == cfg.image_token_index] = 0
-    ids = np.concatenate([text_ids[:2], np.full(n_image, cfg.image_token_index), text_ids[2:]])
+    ids = np.concatenate([text_ids[:2], np.full(len(feats), cfg.image_token_index), text_ids[2:]])
     ids = ids[None, :]
     with torch.no_grad():
-        want = llava(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels))
-        want = want.logits.numpy()
+        want = llava(input_ids=torch.from_numpy(ids), **inputs).logits.numpy()
         table = llava.get_input_embeddings()(torch.from_numpy(ids)).numpy()
-    session = VlmSession(folder, threads=None)
-    got_feats = session.image_features(pixels)
+    got_feats = session.encode([image])[0]
     got_table = session.token_embeds(ids)
-    embeds = session.splice(ids, got_table, got_feats)
+    embeds = session.splice(ids, got_table, [got_feats])
     split = ids.shape[1] - 4
     first, cache = session.decoder.step_embeds(embeds[:, :split], session.decoder.empty_cache(), 0)
     rest, _ = session.decoder.step_embeds(embeds[:, split:], cache, split)
@@ -239,17 +260,24 @@ def export_vlm(src: Path, out: Path, quiet: bool = True, next_step=None):
             f"{src / 'config.json'}: model_type {kind!r} is not supported for export yet "
             f"(vision-language models: {', '.join(SUPPORTED)})"
         )
+    from .image import PROCESSOR
+
+    if not (src / PROCESSOR).is_file():
+        raise InputError(f"{src / PROCESSOR}: missing (save the model's processor with it)")
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     next_step = next_step or (lambda: None)
     next_step()
     with _quiet(quiet):
         try:
-            llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+            llava = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
         except Exception as e:
-            raise InputError(f"{src}: transformers cannot load this LLaVA model ({e})") from e
+            raise InputError(f"{src}: transformers cannot load this {kind} model ({e})") from e
     size = llava.config.vision_config.image_size
+    vision_outputs = ["image_features"]
+    if getattr(llava.model, "image_newline", None) is not None:
+        vision_outputs.append("image_newline")
     with tempfile.TemporaryDirectory(prefix="quantx-export-") as tmp:
         tmp = Path(tmp)
         next_step()
@@ -260,7 +288,7 @@ def export_vlm(src: Path, out: Path, quiet: bool = True, next_step=None):
                 (pixels,),
                 tmp / VISION,
                 ["pixel_values"],
-                ["image_features"],
+                vision_outputs,
                 {"pixel_values": {0: "images"}, "image_features": {0: "images"}},
             )
             _export_module(

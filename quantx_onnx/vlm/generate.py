@@ -13,8 +13,8 @@ from ..errors import InputError
 from ..llm import DecoderSession
 from ..runtime import session_options
 from ..tokenizer import Tokenizer
-from . import graph_paths, image_token_id, is_vlm_folder
-from .image import pixel_values
+from . import anyres, graph_paths, image_token_id, is_vlm_folder, read_config
+from .image import pixel_values, processor_config
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:
@@ -40,21 +40,47 @@ class VlmSession:
         self.embed = _session(paths["embed"], threads)
         self.decoder = DecoderSession(paths["text"], threads=threads)
         self.image_token = image_token_id(self.folder)
-        self.pending: np.ndarray | None = None
+        self.config = read_config(self.folder)
+        self.pending: list[np.ndarray] | None = None
 
     # the graphs, one at a time
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        """[images, tokens, hidden] for pixel values [images, 3, H, W]."""
+        """[images (LLaVA-NeXT: crops), tokens, hidden] for pixel values [n, 3, H, W]."""
         return self.vision.run(None, {"pixel_values": np.asarray(pixels, np.float32)})[0]
+
+    @property
+    def anyres(self) -> bool:
+        return self.config.get("model_type") == "llava_next"
+
+    def pixels(self, image) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """The vision encoder's input for one image, [1, 3, H, W] (LLaVA-NeXT: [crops, 3, H,
+        W] and the image's (height, width), which packing its features needs)."""
+        if self.anyres:
+            return anyres.crops(image, processor_config(self.folder))
+        return pixel_values(image, self.folder), None
+
+    def encode(self, images: list) -> list[np.ndarray]:
+        """Each image's features [tokens, hidden], in the order its image tokens take them
+        (LLaVA-NeXT: its crops' features packed, anyres.pack)."""
+        out = []
+        for image in images:
+            pixels, size = self.pixels(image)
+            if self.anyres:
+                feats, newline = self.vision.run(None, {"pixel_values": pixels})
+                out.append(anyres.pack(feats, size, newline, self.config))
+            else:
+                out.append(self.image_features(pixels)[0])
+        return out
 
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
         return self.embed.run(None, {"input_ids": np.asarray(ids, np.int64)})[0]
 
-    def splice(self, ids: np.ndarray, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """``embeds`` with the image tokens' rows replaced by the image features, in order (as
-        transformers' masked_scatter does)."""
+    def splice(self, ids: np.ndarray, embeds: np.ndarray, features) -> np.ndarray:
+        """``embeds`` with the image tokens' rows replaced by the image features (an array or
+        a list of per-image [tokens, hidden]), in order (as transformers' masked_scatter
+        does)."""
         mask = np.asarray(ids) == self.image_token
-        rows = features.reshape(-1, features.shape[-1])
+        rows = np.concatenate([np.reshape(f, (-1, embeds.shape[-1])) for f in features])
         if int(mask.sum()) != len(rows):
             raise InputError(
                 f"the prompt holds {int(mask.sum())} image tokens for {len(rows)} image "
@@ -68,7 +94,7 @@ class VlmSession:
     def empty_cache(self, batch: int = 1):
         return self.decoder.empty_cache(batch)
 
-    def with_images(self, features: np.ndarray | None) -> VlmSession:
+    def with_images(self, features: list[np.ndarray] | None) -> VlmSession:
         self.pending = features
         return self
 
@@ -114,11 +140,10 @@ def prepare(folder, prompt: str, images, chat: bool, threads, session=None):
         )
     features = None
     if images:
-        pixels = np.concatenate([pixel_values(im, folder) for im in images])
-        features = session.image_features(pixels)
-        n = features.shape[1]
+        features = session.encode(images)
+        sizes = iter(len(f) for f in features)
         expanded: list[int] = []
         for t in ids:
-            expanded += [t] * n if t == session.image_token else [t]
+            expanded += [t] * next(sizes) if t == session.image_token else [t]
         ids = expanded
     return session.with_images(features), ids, tok

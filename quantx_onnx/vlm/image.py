@@ -32,7 +32,7 @@ def _pil():
     return Image
 
 
-def _to_pil(image):
+def to_pil(image):
     """A PIL RGB image from a PIL image, a path, or an HxWxC (or HxW) uint8/float array."""
     Image = _pil()
     if isinstance(image, (str, Path)):
@@ -73,12 +73,15 @@ def pixel_values(image, folder: Path) -> np.ndarray:
         if image.shape[:2] != (1, 3):
             raise InputError(f"pixel values of shape {image.shape}: expected [1, 3, H, W]")
         return np.ascontiguousarray(image, np.float32)
-    cfg = processor_config(folder)
-    img = _to_pil(image)
+    return processed(to_pil(image), processor_config(folder))
+
+
+def processed(img, cfg: dict) -> np.ndarray:
+    """A PIL RGB image -> [1, 3, h, w] float32: resize, center crop, rescale, normalize."""
     if cfg.get("do_resize", True):
         h, w = _resize_shape(img.height, img.width, cfg["size"])
         img = img.resize((w, h), resample=int(cfg.get("resample", 3)))
-    a = np.asarray(img)  # HWC uint8
+    a = np.asarray(img)
     if cfg.get("do_center_crop", False):
         ch, cw = int(cfg["crop_size"]["height"]), int(cfg["crop_size"]["width"])
         h, w = a.shape[:2]

@@ -28,7 +28,7 @@ from ..errors import InputError, OutputError
 from ..format import SUPPORTED_BITS
 from ..pipeline import OptimizeReport, _decoder_past_shapes, optimize, write_report
 from . import DECODER, GRAPHS, graph_paths
-from .image import pixel_values
+from .generate import VlmSession
 
 DEFAULT_BITS = {"vision": 4}  # others: text = --bits, embed = text's
 FLOAT = "float"
@@ -109,26 +109,24 @@ def _image_files(spec: str) -> list[Path]:
     return [p]
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> dict[str, list]:
-    """component -> calibration feeds (the float graphs make the decoder's embeddings)."""
+    """component -> calibration feeds (the float graphs make the decoder's embeddings; with
+    LLaVA-NeXT's varying image lengths, each image's features cut to the shortest's)."""
     feeds: dict[str, list] = {}
+    session = VlmSession(folder)
     features = None
     if config.calib_images:
         files = _image_files(config.calib_images)[: config.calib_samples]
-        pixels = np.concatenate([pixel_values(f, folder) for f in files])
+        pixels = np.concatenate([session.pixels(f)[0] for f in files])
         feeds["vision"] = [{"pixel_values": b} for b in batches(pixels, config.calib_batch)]
-        features = _session(paths["vision"]).run(None, {"pixel_values": pixels})[0]
+        features = session.encode(files)
+        shortest = min(len(f) for f in features)  # (LLaVA-NeXT: lengths vary with the image)
+        features = np.stack([f[:shortest] for f in features])
     if config.calib:
         windows = token_windows(
             config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
         )
-        embeds = _session(paths["embed"]).run(None, {"input_ids": windows})[0]
+        embeds = session.token_embeds(windows)
         if features is not None:  # each window after one image, as a prompt would be
             rows = features[np.arange(len(embeds)) % len(features)]
             embeds = np.concatenate([rows, embeds], axis=1)
