@@ -1,7 +1,8 @@
-"""Export of a transformers LLaVA model (``LlavaForConditionalGeneration``) to the three graphs
-of a VLM folder (see :mod:`quantx_onnx.vlm`).
+"""Export of a transformers LLaVA model (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``) to the three graphs of a VLM folder (see
+:mod:`quantx_onnx.vlm`).
 
-optimum does not export LLaVA, so the graphs are made here: the vision tower + projector and
+optimum exports neither, so the graphs are made here: the vision tower + projector and
 the token embedding with ``torch.onnx.export``; the text decoder with optimum's exporter for
 the text model's architecture (its KV-cache handling and input/output names), on a
 configuration whose first input is ``inputs_embeds`` instead of ``input_ids``. The export ends
@@ -144,10 +145,13 @@ def _name_outputs(path: Path, names: list[str]) -> None:
 
 
 def _text_model(llava):
-    """The text decoder as a causal LM sharing the LLaVA model's modules."""
+    """The text decoder as a causal LM sharing the LLaVA model's modules (built on the meta
+    device first: no second copy of the weights)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    text = AutoModelForCausalLM.from_config(llava.config.text_config)
+    with torch.device("meta"):
+        text = AutoModelForCausalLM.from_config(llava.config.text_config)
     text.model = llava.model.language_model
     text.lm_head = llava.lm_head
     return text.eval()
