@@ -316,6 +316,8 @@ def test_bad_component_specs_and_mismatched_images_are_refused(llava, tmp_path):
     for spec in ("audio=4", "vision=5", "vision"):
         with pytest.raises(InputError, match="--component"):
             optimize(out, tmp_path / "q", QuantConfig(components=(spec,)))
+    with pytest.raises(InputError, match="does not write its own calibration text"):
+        optimize(out, tmp_path / "q", QuantConfig(calib="self"))
     with pytest.raises(InputError, match="nothing.png: not a readable image"):
         generate(out, PROMPT, image=tmp_path / "nothing.png")
     with pytest.raises(InputError, match="2 <image> for 1 images"):

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import model_io
 from ..calibration.feeds import batches, decoder_feeds, token_windows
+from ..calibration.selfgen import SELF
 from ..config import QuantConfig
 from ..errors import InputError, OutputError
 from ..format import SUPPORTED_BITS
@@ -123,6 +124,11 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
         shortest = min(len(f) for f in features)  # (LLaVA-NeXT: lengths vary with the image)
         features = np.stack([f[:shortest] for f in features])
     if config.calib:
+        if SELF in config.calib.split("+"):
+            raise InputError(
+                f"{folder}: --calib-text {config.calib}: a VLM folder does not write its own "
+                "calibration text; give a text file or gensim:wiki-calib"
+            )
         windows = token_windows(
             config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
         )
