@@ -268,6 +268,11 @@ def _run_optimize(args) -> int:
             print(f"[{component}] " + _optimize_summary(part))
         for component in report.kept_float:
             print(f"[{component}] kept in float (--component {component}=float)")
+        ratio = report.bytes_before / max(report.bytes_after, 1)
+        print(
+            f"  quantized graphs: {_human_bytes(report.bytes_before)} -> "
+            f"{_human_bytes(report.bytes_after)} ({ratio:.1f}x smaller), {report.seconds:.1f} s"
+        )
         print(f"  copied: {', '.join(report.copied)}")
     if args.output is None:
         where = Path(report.output)  # a VLM report's output is the folder itself

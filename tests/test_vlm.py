@@ -17,7 +17,7 @@ import pytest
 from quantx_onnx import QuantConfig, optimize
 from quantx_onnx.cli import main
 from quantx_onnx.errors import InputError
-from quantx_onnx.format import DOMAIN
+from quantx_onnx.format import DOMAIN, OP_GATHER, OP_MATMUL
 from quantx_onnx.generate import SamplingConfig, generate, generate_ids
 from quantx_onnx.vlm import DECODER, EMBED, VISION
 from quantx_onnx.vlm.generate import VlmSession, prepare
@@ -164,6 +164,12 @@ def _bits(path) -> set[int]:
     }
 
 
+def _quantx_ops(path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node if n.domain == DOMAIN}
+
+
 def _graph_feeds(folder, seed=0) -> dict[str, dict]:
     rng = np.random.default_rng(seed)
     s = VlmSession(folder)
@@ -189,6 +195,8 @@ def test_optimize_quantizes_each_component_with_its_bits(optimized):
     parts = report["components"]
     assert set(parts) == {"vision", "embed", "text"}
     assert _bits(q / VISION) == {4}
+    assert _quantx_ops(q / VISION) == {OP_MATMUL}  # position embeddings stay float
+    assert _quantx_ops(q / EMBED) == {OP_GATHER}
     assert 3 in _bits(q / DECODER)  # (the lm_head gets the embedding recipe: 4 bits)
     assert _bits(q / EMBED) == {4}  # an embedding table: max(bits, 4)
     for part in parts.values():

@@ -2,10 +2,10 @@
 other files copied, written atomically as one folder; a report per component.
 
 Components: ``vision`` (vision_encoder.onnx, default 4 bits: a small share of the weights and
-the image's only path into the model), ``text`` (decoder_model_merged.onnx, default the run's
-``--bits``) and ``embed`` (embed_tokens.onnx, default the text component's bits; its table
-gets the embedding recipe as a decoder's would). ``--component vision=4,text=3`` changes them;
-``float`` keeps a component unquantized.
+the image's only path into the model; its position-embedding table stays float), ``text``
+(decoder_model_merged.onnx, default the run's ``--bits``) and ``embed`` (embed_tokens.onnx,
+default the text component's bits; its table gets the embedding recipe as a decoder's would).
+``--component vision=4,text=3`` changes them; ``float`` keeps a component unquantized.
 
 Calibration (``--calib-text``, ``--calib-images``): images feed the vision encoder; text
 windows, embedded by the float embedding graph and each preceded by one calibration image's
@@ -154,6 +154,8 @@ def _component_config(config: QuantConfig, component: str, bits: int, calibrated
         fields.update(calib=None, data_free=True)
     elif component == "vision":  # no logits: no sensitivity-driven plan, no KL tuning
         fields.update(uniform=True, e2e_epochs=0)
+    if component == "vision":  # its only table holds position embeddings: small, read by all
+        fields["embeddings"] = False
     return dataclasses.replace(config, **fields)
 
 
