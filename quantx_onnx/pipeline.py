@@ -320,7 +320,9 @@ def optimize(
     an iterable of ORT feed dicts) the float model is run over real inputs first and the
     recipe uses what it sees; a decoder export with a tokenizer calibrates on text it
     generates itself unless ``config.data_free``. ``progress(items, desc)`` may wrap each
-    long step's iterable (a progress bar)."""
+    long step's iterable (a progress bar). A VLM export folder (with vision_encoder.onnx) has
+    each of its graphs quantized with its component's bits (``config.components``) and gives a
+    :class:`quantx_onnx.vlm.optimize.VlmReport` (an OptimizeReport per component)."""
     start = time.perf_counter()
     config = config or QuantConfig()
     if calib_feeds is not None and not config.calib:
