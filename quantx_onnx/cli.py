@@ -181,7 +181,12 @@ def _add_optimize(sub):
         default="cpu",
         help="torch device of sensitivity and end-to-end tuning: cpu, cuda, cuda:N",
     )
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=None,
+        help="calibration sequences (default: 32 self-generated, 64 of real text)",
+    )
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument(
         "--no-sequential",

@@ -145,7 +145,8 @@ def calibration_feeds(
         raise InputError("--calib-text needs a decoder export with input_ids; pass feeds instead")
     # "A+B": a mix, the samples split evenly, rows interleaved so every batch holds each source
     sources = config.calib.split("+")
-    shares = [len(range(i, config.calib_samples, len(sources))) for i in range(len(sources))]
+    samples = config.samples_for(config.calib)
+    shares = [len(range(i, samples, len(sources))) for i in range(len(sources))]
     parts = []
     for spec, samples in zip(sources, shares):
         if samples == 0:

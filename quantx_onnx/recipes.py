@@ -102,7 +102,9 @@ def quantize_with(
         q_gptq = quantize_gptq(w_scaled, h_scaled, fmt, grid(w_scaled, np.diag(h_scaled)))
         return dataclasses.replace(q_gptq, input_scale=q.input_scale)
     if recipe.method == "codebook":
-        return quantize_codebook(w_kn, fmt, importance, per_row=per_row, scale_dtype=scale_dtype)
+        # the importance-weighted Lloyd grid, then (calibrated) GPTQ's error feedback on it
+        cb = quantize_codebook(w_kn, fmt, importance, per_row=per_row, scale_dtype=scale_dtype)
+        return cb if stats is None else quantize_gptq(w_kn, stats.hessian, fmt, cb)
     raise ValueError(f"unknown method {recipe.method!r}")
 
 

@@ -183,6 +183,27 @@ def test_codebook_grid_lowers_error_on_gaussian_weights(rng, per_row):
     assert err(cb) < 0.85 * err(rtn), (err(cb), err(rtn))
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_gptq_error_feedback_on_a_codebook_grid(rng, per_row):
+    """GPTQ on a non-uniform grid: the codebook and scales stay, every code is an index into
+    it, and the layer output error falls well below nearest-entry rounding on that grid."""
+    from quantx_onnx.quantize.codebook import quantize_codebook
+
+    K, N = 256, 64
+    w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    x = _correlated_inputs(rng, 2048, K)
+    stats = InputStats(K, "norm")
+    stats.update(x)
+    fmt = WeightFormat(K, N, 3, 64, Layout.TILE16)
+    cb = quantize_codebook(w, fmt, np.diag(stats.hessian), per_row=per_row)
+    fed = quantize_gptq(w, stats.hessian, fmt, cb)
+    assert np.array_equal(fed.codebook, cb.codebook) and np.array_equal(fed.scales, cb.scales)
+    assert fed.codes.max() < 8 and not np.array_equal(fed.codes, cb.codes)
+    e_cb = output_error(w, dequantize(cb), stats.hessian)
+    e_fed = output_error(w, dequantize(fed), stats.hessian)
+    assert e_fed < 0.8 * e_cb, (e_fed, e_cb)
+
+
 def test_awq_recipe_beats_gptq_on_salient_channels(rng):
     """The awq method (scale search, then GPTQ on the scaled weight) against plain GPTQ."""
     from quantx_onnx.recipes import Recipe, quantize_with
@@ -350,6 +371,29 @@ def test_calibration_sources_mix_row_by_row(tiny_with_tokenizer, tmp_path):
     # rows 0, 2, 4 are the text's windows; rows 1 and 3 were generated
     assert np.array_equal(ids[[0, 2, 4]], from_text)
     assert not any((ids[r] == w).all() for r in (1, 3) for w in from_text)
+
+
+def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
+    """No --calib-samples: 64 windows of real text, 32 when the model writes its own;
+    an explicit count wins."""
+    from quantx_onnx import model_io
+    from quantx_onnx.config import SELF_SAMPLES, TEXT_SAMPLES
+    from quantx_onnx.pipeline import calibration_feeds
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and text {i}" for i in range(3000)))
+    src = model_io.resolve_input(tiny_with_tokenizer)
+    model = model_io.load_model(src)
+
+    def rows(**kw):
+        feeds = calibration_feeds(model, src, QuantConfig(calib_seq_len=8, **kw))
+        return sum(len(f["input_ids"]) for f in feeds)
+
+    assert (SELF_SAMPLES, TEXT_SAMPLES) == (32, 64)
+    assert rows(calib=str(text)) == TEXT_SAMPLES
+    assert rows(calib=f"{text}+self") == TEXT_SAMPLES
+    assert QuantConfig(calib="self").samples_for("self") == SELF_SAMPLES
+    assert rows(calib=str(text), calib_samples=5) == 5
 
 
 def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):

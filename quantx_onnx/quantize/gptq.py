@@ -14,6 +14,8 @@ Torch is used for the linear algebra (calibration only; never at run time).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..format import QuantizedWeight, WeightFormat
@@ -29,10 +31,14 @@ def gptq_codes(
     damp: float = 0.01,
     act_order: bool = True,
     block: int = 128,
+    codebook: np.ndarray | None = None,
 ) -> np.ndarray:
     """Codes [N, K] for fixed per-group scales/zero points, with GPTQ error compensation.
 
-    w_nk: weights [N, K]; H: input Hessian [K, K] (any positive scaling)."""
+    w_nk: weights [N, K]; H: input Hessian [K, K] (any positive scaling). With a sorted
+    ``codebook`` [1 or N, levels] the grid is non-uniform, w = s * codebook[row, q] (zero
+    points unused): each column rounds to the nearest entry, and the error feedback is the
+    same (GPTVQ-style error compensation for a 1-D codebook)."""
     import torch
 
     # Per-column work is small: more threads only add synchronisation (and on a loaded
@@ -40,12 +46,37 @@ def gptq_codes(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block)
+        return _gptq_loop(
+            torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block, codebook
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block):
+def _rounder(torch, fmt, codebook, N):
+    """round(w, s, z) -> (codes, dequantized values) for one column of every row."""
+    if codebook is None:
+        qmax = float(fmt.code_levels - 1)
+
+        def uniform(w, s, z):
+            q = torch.clamp(torch.round(w / s) + z, 0.0, qmax)
+            return q, s * (q - z)
+
+        return uniform
+    cb = torch.from_numpy(
+        np.broadcast_to(np.asarray(codebook, np.float32), (N, fmt.code_levels)).copy()
+    )
+    edges = 0.5 * (cb[:, 1:] + cb[:, :-1])
+    rows = torch.arange(N)
+
+    def nearest_entry(w, s, _z):
+        q = (w[:, None] / s[:, None] > edges).sum(dim=1)
+        return q.float(), s * cb[rows, q]
+
+    return nearest_entry
+
+
+def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block, codebook):
     N, K = w_nk.shape
     Hm = torch.from_numpy(np.asarray(H, np.float64)).clone()
     dead = torch.diag(Hm) <= 0
@@ -65,7 +96,7 @@ def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block)
     # per column (permuted): scale and zero point of its group, as [K, N] rows for speed
     S = torch.from_numpy(np.asarray(scales, np.float32)).T[group_of].contiguous()
     Z = torch.from_numpy(np.asarray(zero_points, np.float32)).T[group_of].contiguous()
-    qmax = float(fmt.code_levels - 1)
+    quantize = _rounder(torch, fmt, codebook, N)
     Q = torch.zeros((K, N), dtype=torch.float32)
     Wt = W.T.contiguous()  # [K, N]: a column of W is a contiguous row here
     for i1 in range(0, K, block):
@@ -76,9 +107,9 @@ def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block)
         for j in range(i2 - i1):
             c = i1 + j
             w = W1[j]
-            q = torch.clamp(torch.round(w / S[c]) + Z[c], 0.0, qmax)
+            q, w_hat = quantize(w, S[c], Z[c])
             Q[c] = q
-            err = (w - S[c] * (q - Z[c])) / Hb[j, j]
+            err = (w - w_hat) / Hb[j, j]
             W1[j + 1 :] -= Hb[j, j + 1 :, None] * err[None, :]
             E1[j] = err
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ E1
@@ -95,16 +126,12 @@ def quantize_gptq(
     """GPTQ on top of `base`'s grid (its scales and zero points, e.g. from RTN or a clip
     search): only the codes change."""
     w_nk = np.ascontiguousarray(np.asarray(w_kn, np.float32).T)
-    codes = gptq_codes(w_nk, H, fmt, base.scales, base.effective_zero_points, **kwargs)
-    return QuantizedWeight(
-        fmt=fmt,
-        codes=codes,
-        scales=base.scales,
-        zero_points=base.zero_points,
-        super_scales=base.super_scales,
-        sub_scales=base.sub_scales,
-        scale_dtype=base.scale_dtype,
-    )
+    if base.codebook is not None:
+        zero = np.zeros(base.scales.shape, np.float32)
+        codes = gptq_codes(w_nk, H, fmt, base.scales, zero, codebook=base.codebook, **kwargs)
+    else:
+        codes = gptq_codes(w_nk, H, fmt, base.scales, base.effective_zero_points, **kwargs)
+    return dataclasses.replace(base, codes=codes)
 
 
 def output_error(w_kn: np.ndarray, w_hat_kn: np.ndarray, H: np.ndarray) -> float:

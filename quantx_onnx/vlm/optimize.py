@@ -117,7 +117,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
     session = VlmSession(folder)
     features = None
     if config.calib_images:
-        files = _image_files(config.calib_images)[: config.calib_samples]
+        files = _image_files(config.calib_images)[: config.samples_for(config.calib)]
         pixels = np.concatenate([session.pixels(f)[0] for f in files])
         feeds["vision"] = [{"pixel_values": b} for b in batches(pixels, config.calib_batch)]
         features = session.encode(files)
@@ -130,7 +130,11 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
                 "calibration text; give a text file or gensim:wiki-calib"
             )
         windows = token_windows(
-            config.calib, folder, config.calib_samples, config.calib_seq_len, config.seed
+            config.calib,
+            folder,
+            config.samples_for(config.calib),
+            config.calib_seq_len,
+            config.seed,
         )
         embeds = session.token_embeds(windows)
         if features is not None:  # each window after one image, as a prompt would be
