@@ -56,7 +56,10 @@ class DecoderSession:
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs:
             raise InputError(f"{self.path}: not a decoder export (no input_ids input)")
-        self.input_names = set(inputs)
+        # optional inputs (an initializer of the same name gives the default: logits_to_keep)
+        self.input_names = set(inputs) | {
+            i.name for i in self.session.get_overridable_initializers()
+        }
         keys = sorted(
             (n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key")),
             key=lambda n: int(n.split(".")[1]),
@@ -88,11 +91,16 @@ class DecoderSession:
             for _ in range(2 * self.cache.layers)
         ]
 
-    def step(self, ids: np.ndarray, past: list[ort.OrtValue], past_len: int):
+    def step(
+        self, ids: np.ndarray, past: list[ort.OrtValue], past_len: int, last_only: bool = False
+    ):
         """Run `ids` [batch, seq] after `past_len` cached positions; returns (logits as numpy,
-        new cache as ORT values)."""
+        new cache as ORT values). ``last_only``: only the last position's logits are needed
+        (generation); a model with a ``logits_to_keep`` input then computes just that row."""
         batch, seq = ids.shape
         feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ids, np.int64))}
+        if last_only and "logits_to_keep" in self.input_names:
+            feeds["logits_to_keep"] = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(
                 np.ones((batch, past_len + seq), np.int64)
