@@ -270,6 +270,12 @@ def run(
     bindir = ensure_llamacpp(jobs=jobs, out=out)
     gguf = Path(gguf) if gguf else ensure_q4_0(bindir, out=out)
     session = DecoderSession(model, threads=threads)
+    if "logits_to_keep" not in session.input_names:
+        out(
+            f"note: {model} has no logits_to_keep input, so its prefill computes the lm_head at "
+            "every prompt position (llama.cpp: the last only); models optimized from now on have "
+            "it, `python -m quantx_onnx.passes.logits_rule MODEL OUT` adds it to older ones"
+        )
     ids = prompt_ids(session.vocab, prompt_tokens)
     run_once(session, ids, 4)  # warm up
 
