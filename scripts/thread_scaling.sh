@@ -4,7 +4,7 @@
 # vendored source) and our op library there, then runs `python -m quantx_onnx bench llamacpp` at
 # 1, 2, 4, 8, 16 threads and prints one table.
 #
-#   scripts/thread_scaling.sh stage          # here: packs everything into .scaling/pN (< 50 MiB
+#   scripts/thread_scaling.sh stage          # here: packs everything into .scaling/pN (60 MiB
 #                                            # each: the device tool carries at most 64 MiB a call)
 #   scripts/thread_scaling.sh run            # there, once per part, each call carrying one
 #                                            # .scaling/pN: parts accumulate between calls on a
@@ -24,7 +24,7 @@ WORK=${WORK:-/tmp/quantx-scaling}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-"1 2 4 8 16"}
 ROUNDS=${ROUNDS:-3}
-PART_MB=${PART_MB:-50}
+PART_MB=${PART_MB:-60}
 
 stage() {
   local cache=${QUANTX_LLAMACPP_DIR:-$HOME/.cache/quantx_onnx/llamacpp}
