@@ -4,7 +4,7 @@
 # vendored source) and our op library there, then runs `python -m quantx_onnx bench llamacpp` at
 # 1, 2, 4, 8, 16 threads and prints one table.
 #
-#   scripts/thread_scaling.sh stage          # here: packs everything into .scaling/pN (60 MiB
+#   scripts/thread_scaling.sh stage          # here: packs everything into .scaling/pN (61 MiB
 #                                            # each: the device tool carries at most 64 MiB a call)
 #   scripts/thread_scaling.sh run            # there, once per part, each call carrying one
 #                                            # .scaling/pN: parts accumulate between calls on a
@@ -24,7 +24,7 @@ WORK=${WORK:-/tmp/quantx-scaling}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-"1 2 4 8 16"}
 ROUNDS=${ROUNDS:-3}
-PART_MB=${PART_MB:-60}
+PART_MB=${PART_MB:-61}
 
 stage() {
   local cache=${QUANTX_LLAMACPP_DIR:-$HOME/.cache/quantx_onnx/llamacpp}
@@ -41,8 +41,13 @@ stage() {
   }
   rm -rf "$STAGE" && mkdir -p "$STAGE/tmp/bundle"
   echo "packing $src (trimmed), $gguf, $model, ${headers:-no ORT headers}"
+  local gpu=()  # GPU backends: not configured in a CPU build
+  for b in cuda sycl vulkan opencl metal cann musa hip webgpu zdnn; do
+    gpu+=(--exclude="llama.cpp/ggml/src/ggml-$b")
+  done
   tar -C "$(dirname "$src")" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
-    --exclude=llama.cpp/tools/ui --exclude=llama.cpp/.git -czf "$STAGE/tmp/bundle/llama.cpp.tar.gz" llama.cpp
+    --exclude=llama.cpp/tools/ui --exclude=llama.cpp/.git "${gpu[@]}" \
+    -czf "$STAGE/tmp/bundle/llama.cpp.tar.gz" llama.cpp
   cp "$gguf" "$STAGE/tmp/bundle/model.Q4_0.gguf"
   mkdir -p "$STAGE/tmp/bundle/quantx-model"
   cp "$model"/*.json "$model"/model.onnx* "$STAGE/tmp/bundle/quantx-model/"
