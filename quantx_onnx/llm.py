@@ -41,10 +41,15 @@ class DecoderSession:
         source = resolve_input(model)
         self.path = source.model_path
         self.folder = source.folder or source.model_path.parent
+        if options is None:
+            options = ort.SessionOptions()
+            # ORT warns at every load that the optional input logits_to_keep (an initializer
+            # of that name is its default) is not folded as a constant; that is the intent
+            options.log_severity_level = 3
         if quantx_ops:
             so = session_options(options, threads=threads)
         else:
-            so = options if options is not None else ort.SessionOptions()
+            so = options
             if threads:
                 so.intra_op_num_threads = int(threads)
         try:
