@@ -427,6 +427,14 @@ def _run_portable(args) -> int:
 
 
 # --- bench ---------------------------------------------------------------------------------
+def _add_workload_args(p, rounds: int):
+    """The prefill-then-decode workload of `bench decode` and `bench llamacpp`."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=rounds)
+
+
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks (kernels against ORT MatMulNBits and fp32)")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -458,10 +466,7 @@ def _add_bench(sub):
         metavar="DIR",
         help="other export folders in the same run (fp32, ORT 4-bit, ...)",
     )
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--prompt-tokens", type=int, default=128)
-    d.add_argument("--new-tokens", type=int, default=64)
-    d.add_argument("--rounds", type=int, default=3)
+    _add_workload_args(d, rounds=3)
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     d.add_argument(
         "--stock-ort",
@@ -480,6 +485,20 @@ def _add_bench(sub):
     f.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     f.add_argument("--json", help="also write the profile to this JSON file")
     f.set_defaults(run=_run_bench_profile)
+    lc = bsub.add_parser(
+        "llamacpp",
+        help="SmolLM2 QuantX beside llama.cpp Q4_0 (built once from llama-cpp-python's sdist)",
+    )
+    lc.add_argument(
+        "model",
+        nargs="?",
+        help="QuantX SmolLM2 export (default: the demo's, smollm2-quantx3-wiki in the demo cache)",
+    )
+    _add_workload_args(lc, rounds=5)
+    lc.add_argument("--jobs", type=int, help="build jobs for llama.cpp (default: all cores)")
+    lc.add_argument("--gguf", help="llama.cpp model to run (default: Q4_0 of the packaged SmolLM2)")
+    lc.add_argument("--json", help="also write the results to this JSON file")
+    lc.set_defaults(run=_run_bench_llamacpp)
 
 
 def _parse_list(text, item):
@@ -681,6 +700,34 @@ def _run_bench_profile(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dataclasses.asdict(result), f, indent=1)
+    return 0
+
+
+def _run_bench_llamacpp(args) -> int:
+    from .bench import llamacpp
+    from .errors import InputError
+
+    model = args.model
+    if model is None:
+        from .demo import default_cache
+
+        model = default_cache() / "smollm2-quantx3-wiki"
+        if not model.is_dir():
+            raise InputError(f"{model}: not built; run `python -m quantx_onnx demo` or name one")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1:
+        raise InputError("--new-tokens >= 2, --prompt-tokens >= 1 and --rounds >= 1 are required")
+    result = llamacpp.run(
+        model,
+        threads=args.threads,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        jobs=args.jobs,
+        gguf=args.gguf,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

@@ -77,7 +77,8 @@ def _ids(value) -> list[int]:
 def decoder_io(model: ir.Model) -> tuple[dict, dict, int] | str:
     """genai's ``inputs``/``outputs`` sections and the layer count of an optimum decoder export
     with a KV cache, or why it is not one genai can feed."""
-    inputs = {v.name for v in model.graph.inputs}
+    # inputs with an initializer of their name are optional (logits_to_keep): genai need not feed
+    inputs = {v.name for v in model.graph.inputs if not v.is_initializer()}
     outputs = {v.name for v in model.graph.outputs}
     layers = {int(m.group(1)) for n in inputs if (m := _PAST.fullmatch(n))}
     if "input_ids" not in inputs or not layers:

@@ -79,7 +79,9 @@ def generate_ids(
     if cfg.max_new_tokens == 0:
         return
     t0 = time.perf_counter()
-    logits, cache = session.step(np.array([prompt_ids], np.int64), session.empty_cache(), 0)
+    logits, cache = session.step(
+        np.array([prompt_ids], np.int64), session.empty_cache(), 0, last_only=True
+    )
     stats.prefill_s = time.perf_counter() - t0
     pos = len(prompt_ids)
     t0 = time.perf_counter()

@@ -41,10 +41,15 @@ class DecoderSession:
         source = resolve_input(model)
         self.path = source.model_path
         self.folder = source.folder or source.model_path.parent
+        if options is None:
+            options = ort.SessionOptions()
+            # ORT warns at every load that the optional input logits_to_keep (an initializer
+            # of that name is its default) is not folded as a constant; that is the intent
+            options.log_severity_level = 3
         if quantx_ops:
             so = session_options(options, threads=threads)
         else:
-            so = options if options is not None else ort.SessionOptions()
+            so = options
             if threads:
                 so.intra_op_num_threads = int(threads)
         try:
@@ -58,7 +63,10 @@ class DecoderSession:
         self.first_input = next((n for n in ("input_ids", "inputs_embeds") if n in inputs), None)
         if self.first_input is None:
             raise InputError(f"{self.path}: not a decoder export (no input_ids input)")
-        self.input_names = set(inputs)
+        # optional inputs (an initializer of the same name gives the default: logits_to_keep)
+        self.input_names = set(inputs) | {
+            i.name for i in self.session.get_overridable_initializers()
+        }
         keys = sorted(
             (n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key")),
             key=lambda n: int(n.split(".")[1]),
@@ -90,25 +98,32 @@ class DecoderSession:
             for _ in range(2 * self.cache.layers)
         ]
 
-    def step(self, ids: np.ndarray, past: list[ort.OrtValue], past_len: int):
+    def step(
+        self, ids: np.ndarray, past: list[ort.OrtValue], past_len: int, last_only: bool = False
+    ):
         """Run `ids` [batch, seq] after `past_len` cached positions; returns (logits as numpy,
-        new cache as ORT values)."""
+        new cache as ORT values). ``last_only``: only the last position's logits are needed
+        (generation); a model with a ``logits_to_keep`` input then computes just that row."""
         if self.first_input != "input_ids":
             raise InputError(
                 f"{self.path}: this decoder takes inputs_embeds, not token ids (a VLM export: "
                 "generate with quantx_onnx.generate on its folder)"
             )
-        return self._run(np.ascontiguousarray(ids, np.int64), past, past_len)
+        return self._run(np.ascontiguousarray(ids, np.int64), past, past_len, last_only)
 
-    def step_embeds(self, embeds: np.ndarray, past: list[ort.OrtValue], past_len: int):
+    def step_embeds(
+        self, embeds: np.ndarray, past: list[ort.OrtValue], past_len: int, last_only: bool = False
+    ):
         """``step`` for a decoder fed ``inputs_embeds`` [batch, seq, hidden]."""
         if self.first_input != "inputs_embeds":
             raise InputError(f"{self.path}: this decoder takes input_ids, not inputs_embeds")
-        return self._run(np.ascontiguousarray(embeds, np.float32), past, past_len)
+        return self._run(np.ascontiguousarray(embeds, np.float32), past, past_len, last_only)
 
-    def _run(self, first: np.ndarray, past: list[ort.OrtValue], past_len: int):
+    def _run(self, first: np.ndarray, past: list[ort.OrtValue], past_len: int, last_only: bool):
         batch, seq = first.shape[:2]
         feeds = {self.first_input: ort.OrtValue.ortvalue_from_numpy(first)}
+        if last_only and "logits_to_keep" in self.input_names:
+            feeds["logits_to_keep"] = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(
                 np.ones((batch, past_len + seq), np.int64)

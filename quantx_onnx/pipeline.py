@@ -24,6 +24,7 @@ from .format import Layout
 from .genai import GenaiReport, write_genai_config
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
+from .passes.logits_rule import add_logits_to_keep
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
 from .recipes import Recipe, recipe_for, single_recipe_quantizer, with_plan, with_recipe_for
 from .targets import resolve_target
@@ -453,6 +454,8 @@ def optimize(
                 f"{source.model_path}: no MatMul/Gemm/Gather with a constant weight to quantize "
                 f"({why})"
             )
+        # decoders: an optional input that lets generation compute the last position's logits
+        add_logits_to_keep(ir_model)
         if config.portable:
             from .portable import to_portable
 

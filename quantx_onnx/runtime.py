@@ -68,7 +68,7 @@ def _lib():
 
 
 def kernel_name() -> str:
-    """Kernel set this process runs (ref, avx2, avx512, neon, neon-dotprod)."""
+    """Kernel set this process runs (ref, avx2, avx-vnni, avx512, neon, neon-dotprod)."""
     fn = _lib().QuantxKernelName
     fn.restype = ctypes.c_char_p
     return fn().decode()

@@ -5,14 +5,29 @@ NEON tables under qemu-aarch64."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from .cmake_build import ROOT, build, passed_failed, require
 
 
-def test_native_kernel_tables_match_the_reference():
-    out = build("build-tests", "-DQUANTX_BUILD_OPS=OFF", targets=("quantx_kernel_tests",))
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _run_kernel_tests(build_dir: str, *args: str, options=()) -> str:
+    """Builds quantx_kernel_tests into `build_dir`, runs it with `args` (600 random cases per
+    table), asserts that every check passed and returns its output."""
+    out = build(build_dir, "-DQUANTX_BUILD_OPS=OFF", *options, targets=("quantx_kernel_tests",))
     r = subprocess.run(
-        [str(out / "custom_ops" / "quantx_kernel_tests"), "--cases", "600"],
+        [str(out / "custom_ops" / "quantx_kernel_tests"), *args, "--cases", "600"],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -20,8 +35,26 @@ def test_native_kernel_tables_match_the_reference():
     passed, failed = passed_failed(r.stdout)
     assert r.returncode == 0 and failed == 0, r.stdout[-3000:]
     assert passed >= 600
-    tested = r.stdout.splitlines()[0]
+    return r.stdout
+
+
+def test_native_kernel_tables_match_the_reference():
+    tested = _run_kernel_tests("build-tests").splitlines()[0]
     assert "ref" in tested
+
+
+def test_avx_vnni_kernels_match_the_reference():
+    """The avx-vnni table (AVX2 code with VEX vpdpbusd). On a CPU with AVX-VNNI the native test
+    above covers it; on one with AVX-512 VNNI only (Zen 4) a test build encodes the same
+    instruction as EVEX (QUANTX_AVXVNNI_EVEX) and runs the table's code here."""
+    flags = _cpu_flags()
+    if "avx_vnni" in flags:
+        opts, name = (), "build-tests"
+    elif {"avx512_vnni", "avx512vl", "avx2"} <= flags:
+        opts, name = ("-DQUANTX_AVXVNNI_EVEX=ON",), "build-tests-vnni-evex"
+    else:
+        pytest.skip("this CPU has neither AVX-VNNI nor AVX-512 VNNI")
+    _run_kernel_tests(name, "--isa", "avx-vnni", options=opts)
 
 
 def test_neon_kernels_under_qemu():

@@ -73,6 +73,14 @@ const Candidate kCandidates[] = {
     {"neon-dotprod", NeonDotKernels, [](const CpuFeatures& f) { return f.neon && f.dotprod; }},
     {"avx2", Avx2Kernels,
      [](const CpuFeatures& f) { return f.avx2 && f.fma && f.f16c && f.bmi2; }},
+    {"avx-vnni", AvxVnniKernels,
+     [](const CpuFeatures& f) {
+#ifdef QX_AVXVNNI_EVEX  // test build: the avx-vnni code EVEX-encoded, for AVX-512 VNNI CPUs
+       return f.avx2 && f.fma && f.f16c && f.bmi2 && f.avx512vl && f.avx512vnni;
+#else
+       return f.avx2 && f.fma && f.f16c && f.bmi2 && f.avx_vnni;
+#endif
+     }},
     {"avx512", Avx512Kernels,
      [](const CpuFeatures& f) {
        return f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.fma && f.f16c && f.bmi2;
@@ -100,7 +108,9 @@ const KernelTable* KernelsByName(const std::string& name, std::string* why) {
     }
     return t;
   }
-  if (why) *why = "unknown kernel set '" + name + "' (known: ref, avx2, avx512, neon, neon-dotprod)";
+  if (why)
+    *why = "unknown kernel set '" + name +
+           "' (known: ref, avx2, avx-vnni, avx512, neon, neon-dotprod)";
   return nullptr;
 }
 

@@ -128,7 +128,9 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   const int64_t tile_bytes = f.k_stored() / kKAlign * f.superblock_bytes();
   int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(T * row_items, kMaxItems));
   if (M <= kDecodeRows) tile_chunk = std::max(tile_chunk, CeilDiv(kMinItemBytes, tile_bytes));
+  // Items of equal size: 12 tiles in chunks of 8 would leave one thread 8 and the other 4.
   const int64_t tile_items = CeilDiv(T, tile_chunk);
+  tile_chunk = CeilDiv(T, tile_items);
   parallel_for(row_items * tile_items, [&](int64_t item) {
     const int64_t r = item / tile_items, t = item % tile_items;
     const int64_t t0 = t * tile_chunk, t1 = std::min(T, t0 + tile_chunk);

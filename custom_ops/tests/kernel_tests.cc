@@ -470,7 +470,7 @@ int main(int argc, char** argv) {
     }
   }
   if (isas.empty()) {
-    for (const char* name : {"ref", "avx2", "avx512", "neon", "neon-dotprod"}) {
+    for (const char* name : {"ref", "avx2", "avx-vnni", "avx512", "neon", "neon-dotprod"}) {
       std::string why;
       if (KernelsByName(name, &why)) isas.push_back(name);
     }

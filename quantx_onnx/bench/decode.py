@@ -49,7 +49,7 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> np.ndarray:
 def run_once(session: DecoderSession, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps)."""
     t0 = time.perf_counter()
-    logits, cache = session.step(ids, session.empty_cache(), 0)
+    logits, cache = session.step(ids, session.empty_cache(), 0, last_only=True)
     t1 = time.perf_counter()
     pos = ids.shape[1]
     for _ in range(new_tokens - 1):

@@ -15,8 +15,8 @@ struct CpuFeatures {
 };
 const CpuFeatures& DetectCpu();
 
-// Kernel table by name ("ref", "avx2", "avx512", "neon", "neon-dotprod") if compiled in and
-// supported by this CPU; nullptr otherwise (with the reason in *why).
+// Kernel table by name ("ref", "avx2", "avx-vnni", "avx512", "neon", "neon-dotprod") if compiled in
+// and supported by this CPU; nullptr otherwise (with the reason in *why).
 const KernelTable* KernelsByName(const std::string& name, std::string* why);
 
 // The best table for this CPU, or the one named by the environment variable QUANTX_ISA.

@@ -74,7 +74,7 @@ using QuantizeActFn = void (*)(const float* a, int64_t M, int64_t lda, const KBl
                                int64_t n_blocks, int8_t* q, float* scale, int32_t* sum);
 
 struct KernelTable {
-  const char* name;  // "ref", "avx2", "avx512", "neon", "neon-dotprod"
+  const char* name;  // "ref", "avx2", "avx-vnni", "avx512", "neon", "neon-dotprod"
   MatMulFn matmul;   // handles every (bits, layout, path); fused fast paths where native
   QuantizeActFn quantize_activations;
   // True where `matmul` reads this weight natively (its own unpacking) rather than through
@@ -90,6 +90,7 @@ uint64_t StreamReadPortable(const uint8_t* p, int64_t bytes);
 // Tables compiled into this build; nullptr where the ISA is not compiled in.
 const KernelTable* RefKernels();
 const KernelTable* Avx2Kernels();
+const KernelTable* AvxVnniKernels();
 const KernelTable* Avx512Kernels();
 const KernelTable* NeonKernels();
 const KernelTable* NeonDotKernels();

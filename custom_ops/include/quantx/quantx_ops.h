@@ -19,8 +19,8 @@ extern "C" {
 OrtStatus* ORT_API_CALL QuantxRegisterCustomOps(OrtSessionOptions* options,
                                                 const OrtApiBase* api_base);
 
-// Name of the kernel table this process uses: "avx512", "avx2", "neon-dotprod", "neon", "ref",
-// or "none" when no table is usable.
+// Name of the kernel table this process uses: "avx512", "avx-vnni", "avx2", "neon-dotprod", "neon",
+// "ref", or "none" when no table is usable.
 const char* QuantxKernelName(void);
 
 #ifdef __cplusplus

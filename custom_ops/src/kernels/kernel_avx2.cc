@@ -42,7 +42,20 @@
 // compiled for AVX2 can be merged by the linker into code that other files call.
 #include "quantx/kernels.h"
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__BMI2__)
+// kernel_avxvnni.cc compiles this file again with QX_AVX_VNNI (and -mavxvnni): the same code
+// with every u8 x s8 dot product as one VEX vpdpbusd into int32 (Alder Lake and later Intel
+// cores, Sapphire Rapids, Zen 5; not Zen 4), published as the table "avx-vnni".
+// The test build QUANTX_AVXVNNI_EVEX (QX_AVXVNNI_EVEX) encodes the same vpdpbusd on ymm as EVEX
+// (AVX-512 VNNI + VL), so that CPUs with AVX-512 VNNI but no AVX-VNNI (Zen 4) run this code.
+#if defined(QX_AVX_VNNI) && defined(QX_AVXVNNI_EVEX)
+#if !defined(__AVX512VNNI__) || !defined(__AVX512VL__)
+#define QX_NO_VNNI 1
+#endif
+#elif defined(QX_AVX_VNNI) && !defined(__AVXVNNI__)
+#define QX_NO_VNNI 1  // that build's compiler flags lack AVX-VNNI: no table
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__BMI2__) && \
+    !defined(QX_NO_VNNI)
 
 #include <immintrin.h>
 
@@ -317,9 +330,43 @@ inline __m256i Widen(__m256i pairs16) {  // int16 pairs to int32 sums (vpmaddwd 
 
 inline __m256i Flip(__m256i v) { return _mm256_xor_si256(v, _mm256_set1_epi8(-128)); }
 
-// Sign trick: with w' = v - 128 as s8, |w'| * sign(a, w') = w' * a (|w'| <= 128, |a| <= 127).
-inline __m256i SignedMul(__m256i w_abs, __m256i w_signed, __m256i a) {
-  return _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(a, w_signed));
+// Partial dot of u8 codes v and s8 activations x (four k per 32-bit lane): AVX2 keeps int16 pair
+// sums (vpmaddubsw, widened by PartialToInt32 every Int16Steps); AVX-VNNI adds straight into
+// int32 (vpdpbusd), and PartialToInt32 is then nothing.
+#if defined(QX_AVX_VNNI)
+inline __m256i Dpbusd(__m256i acc, __m256i v, __m256i x) {
+#if defined(QX_AVXVNNI_EVEX)
+  return _mm256_dpbusd_epi32(acc, v, x);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, v, x);
+#endif
+}
+#endif
+
+inline __m256i AddPartial(__m256i acc, __m256i v, __m256i x) {
+#if defined(QX_AVX_VNNI)
+  return Dpbusd(acc, v, x);
+#else
+  return _mm256_add_epi16(_mm256_maddubs_epi16(v, x), acc);
+#endif
+}
+
+inline __m256i PartialToInt32(__m256i partial) {
+#if defined(QX_AVX_VNNI)
+  return partial;
+#else
+  return Widen(partial);
+#endif
+}
+
+// Sign trick: with w' = v - 128 as s8, |w'| * sign(a, w') = w' * a (|w'| <= 128, |a| <= 127);
+// acc (int32) += w' . a.
+inline __m256i AddSignedDot(__m256i acc, __m256i w_abs, __m256i w_signed, __m256i a) {
+#if defined(QX_AVX_VNNI)
+  return Dpbusd(acc, w_abs, _mm256_sign_epi8(a, w_signed));
+#else
+  return _mm256_add_epi32(Widen(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(a, w_signed))), acc);
+#endif
 }
 
 // acc += scale * sa * (dot - zero * isum): the block's contribution to one row.
@@ -370,7 +417,7 @@ inline void DotSuperBlocksUnsigned(const uint8_t* sb, int j0, int j1, const int8
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
           const __m256i x = Broadcast4(a[r] + 16 * j + 4 * s);
-          sum16[r][h] = _mm256_add_epi16(_mm256_maddubs_epi16(v, x), sum16[r][h]);
+          sum16[r][h] = AddPartial(sum16[r][h], v, x);
         }
       }
     }
@@ -383,7 +430,8 @@ inline void DotSuperBlocksUnsigned(const uint8_t* sb, int j0, int j1, const int8
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
-    for (int h = 0; h < 2; ++h) dot[r][h] = _mm256_add_epi32(dot[r][h], Widen(sum16[r][h]));
+    for (int h = 0; h < 2; ++h)
+      dot[r][h] = _mm256_add_epi32(dot[r][h], PartialToInt32(sum16[r][h]));
 }
 
 // Decode, 8-bit codes: dot[r] += super-block j of the block times row r, as w' (sign trick).
@@ -398,8 +446,8 @@ inline void DotSuperBlockSigned(const uint8_t* sb, int j, const int8_t* const* a
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
       const __m256i x = Broadcast4(a[r] + 16 * j + 4 * s);
-      dot[r][0] = _mm256_add_epi32(Widen(SignedMul(abs0, w0, x)), dot[r][0]);
-      dot[r][1] = _mm256_add_epi32(Widen(SignedMul(abs1, w1, x)), dot[r][1]);
+      dot[r][0] = AddSignedDot(dot[r][0], abs0, w0, x);
+      dot[r][1] = AddSignedDot(dot[r][1], abs1, w1, x);
     }
   }
 }
@@ -654,16 +702,16 @@ inline void SumSteps(const Int8Block& blk, int s0, int s1, const int8_t* a, int6
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m256i x = Broadcast4(a + r * lda + 4 * s);
-      sum16[r][0] = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x), sum16[r][0]);
-      sum16[r][1] = _mm256_add_epi16(_mm256_maddubs_epi16(w1, x), sum16[r][1]);
+      sum16[r][0] = AddPartial(sum16[r][0], w0, x);
+      sum16[r][1] = AddPartial(sum16[r][1], w1, x);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     Pin(sum16[r][0]);
     Pin(sum16[r][1]);
-    sum16[r][0] = Widen(sum16[r][0]);
-    sum16[r][1] = Widen(sum16[r][1]);
+    sum16[r][0] = PartialToInt32(sum16[r][0]);
+    sum16[r][1] = PartialToInt32(sum16[r][1]);
   }
 }
 
@@ -714,8 +762,8 @@ void ChunkRowsSigned(const Int8Chunk& chunk, const int8_t* a, int64_t lda, const
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
         const __m256i x = Broadcast4(ab + r * lda + 4 * s);
-        part[r][0] = _mm256_add_epi32(Widen(SignedMul(abs0, sgn0, x)), part[r][0]);
-        part[r][1] = _mm256_add_epi32(Widen(SignedMul(abs1, sgn1, x)), part[r][1]);
+        part[r][0] = AddSignedDot(part[r][0], abs0, sgn0, x);
+        part[r][1] = AddSignedDot(part[r][1], abs1, sgn1, x);
       }
     }
 #pragma GCC unroll 8
@@ -1106,18 +1154,30 @@ void QuantizeActivationsAvx2(const float* a, int64_t M, int64_t lda, const KBloc
   }
 }
 
+#if defined(QX_AVX_VNNI)
+const KernelTable kAvx2 = {"avx-vnni", MatMulAvx2, QuantizeActivationsAvx2, IsNative};
+#else
 const KernelTable kAvx2 = {"avx2", MatMulAvx2, QuantizeActivationsAvx2, IsNative};
+#endif
 
 }  // namespace
 
+#if defined(QX_AVX_VNNI)
+const KernelTable* AvxVnniKernels() { return &kAvx2; }
+#else
 const KernelTable* Avx2Kernels() { return &kAvx2; }
+#endif
 
 }  // namespace quantx
 
-#else  // not compiled for AVX2 (e.g. an ARM build): no table
+#else  // not compiled for this ISA (e.g. an ARM build): no table
 
 namespace quantx {
+#if defined(QX_AVX_VNNI)
+const KernelTable* AvxVnniKernels() { return nullptr; }
+#else
 const KernelTable* Avx2Kernels() { return nullptr; }
+#endif
 }  // namespace quantx
 
 #endif
