@@ -98,12 +98,12 @@ class VlmSession:
         self.pending = features
         return self
 
-    def step(self, ids: np.ndarray, past, past_len: int):
+    def step(self, ids: np.ndarray, past, past_len: int, last_only: bool = False):
         embeds = self.token_embeds(ids)
         if self.pending is not None:
             embeds = self.splice(ids, embeds, self.pending)
             self.pending = None
-        return self.decoder.step_embeds(embeds, past, past_len)
+        return self.decoder.step_embeds(embeds, past, past_len, last_only)
 
 
 def _as_list(images) -> list:
