@@ -123,6 +123,13 @@ def _add_optimize(sub):
         "'A+B' mixes sources, e.g. gensim:wiki-calib+self",
     )
     p.add_argument(
+        "--calib-images",
+        default=None,
+        metavar="DIR",
+        help="calibration photos of an image model: a folder of images, one image, or "
+        "skimage:calib (default for image models and text encoders: synthetic inputs)",
+    )
+    p.add_argument(
         "--data-free",
         action="store_true",
         help="never calibrate: round-to-nearest, as fast as possible (lower quality)",
@@ -201,11 +208,19 @@ def _add_optimize(sub):
     p.set_defaults(run=_run_optimize)
 
 
-def _run_optimize(args) -> int:
-    from .config import QuantConfig
-    from .pipeline import optimize
+def _calib_spec(args) -> str | None:
+    from .errors import InputError
 
-    config = QuantConfig(
+    if args.calib_images and args.calib_text:
+        raise InputError("give one of --calib-text and --calib-images")
+    return args.calib_images or args.calib_text
+
+
+def optimize_config(args):
+    """The QuantConfig of parsed ``optimize`` arguments."""
+    from .config import QuantConfig
+
+    return QuantConfig(
         bits=args.bits,
         group_size=args.group_size,
         symmetric=args.symmetric,
@@ -218,7 +233,7 @@ def _run_optimize(args) -> int:
         embedding_bits=args.embedding_bits,
         fuse_attention=not args.no_fuse_attention,
         method=args.method,
-        calib=args.calib_text,
+        calib=_calib_spec(args),
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
         sequential=not args.no_sequential,
@@ -236,8 +251,16 @@ def _run_optimize(args) -> int:
         device=args.device,
         portable=args.portable,
     )
+
+
+def _run_optimize(args) -> int:
+    from .pipeline import optimize
+
     report = optimize(
-        args.model, args.output, config, progress=None if args.quiet else _progress("weights")
+        args.model,
+        args.output,
+        optimize_config(args),
+        progress=None if args.quiet else _progress("weights"),
     )
     if args.quiet:
         print(report.output)

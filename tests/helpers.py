@@ -232,3 +232,17 @@ def genai_greedy(og, folder, prompt: list[int], n: int) -> tuple[list[int], list
         gen.generate_next_token()
         ids.append(int(gen.get_next_tokens()[0]))
     return ids, logits
+
+
+def assert_means_its_reference(path, feeds) -> None:
+    """The QuantX file's outputs equal its numpy-dequantized float reference's (ORT, fp32)."""
+    import onnx_ir as ir
+
+    from quantx_onnx import reference
+
+    ref = reference.dequantized_model(ir.load(str(path)))
+    ref_sess = ort.InferenceSession(
+        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for g, w in zip(quantx_session(path).run(None, feeds), ref_sess.run(None, feeds)):
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)

@@ -19,7 +19,7 @@ from quantx_onnx.quantize.mse import clip_search
 from quantx_onnx.quantize.rtn import finish_uniform, quantize_rtn
 from quantx_onnx.runtime import session_options
 
-from .helpers import llm_feeds, quantx_session
+from .helpers import assert_means_its_reference, llm_feeds, quantx_session
 
 
 def _correlated_inputs(rng, tokens, K):
@@ -217,16 +217,6 @@ def _kl_to(fp_path, q_path, feeds) -> float:
     return total / len(feeds)
 
 
-def _assert_means_its_reference(path, feeds) -> None:
-    """The QuantX file's outputs equal its numpy-dequantized float reference's (ORT, fp32)."""
-    ref = reference.dequantized_model(ir.load(str(path)))
-    ref_sess = ort.InferenceSession(
-        ir.to_proto(ref).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    for g, w in zip(quantx_session(path).run(None, feeds), ref_sess.run(None, feeds)):
-        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w)
-
-
 @pytest.fixture(scope="module")
 def self_calibrated(tiny_with_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("selfcal") / "q"
@@ -253,7 +243,7 @@ def test_self_calibrated_model_equals_its_dequantized_reference(self_calibrated)
     file means exactly what the numpy reference of its weights says."""
     out, _ = self_calibrated
     feeds = llm_feeds(quantx_session(out / "model.onnx"), seq=21, batch=2, seed=5)
-    _assert_means_its_reference(out / "model.onnx", feeds)
+    assert_means_its_reference(out / "model.onnx", feeds)
 
 
 def test_data_free_keeps_round_to_nearest(tiny_with_tokenizer, tmp_path):
@@ -323,7 +313,7 @@ def test_block_reconstruction_lowers_layer_error_and_keeps_the_format(tiny_llama
     assert sum(b["kept"] for b in blocks) >= 2, blocks
     assert kl[48] < kl[0], kl  # 15% lower here
     out = tmp_path / "48" / "model.onnx"
-    _assert_means_its_reference(out, held_out[0])
+    assert_means_its_reference(out, held_out[0])
 
 
 def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(tiny_llama, tmp_path):
@@ -391,4 +381,4 @@ def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     steps = [np.abs(plain[k].codes.astype(int) - learned[k].codes.astype(int)) for k in plain]
     assert max(int(d.max()) for d in steps) == 1
     out = tmp_path / "True" / "model.onnx"
-    _assert_means_its_reference(out, held_out[0])
+    assert_means_its_reference(out, held_out[0])
