@@ -22,6 +22,7 @@ from quantx_onnx.calibration.encoders import (
 )
 from quantx_onnx.encoder_data import sentences
 from quantx_onnx.encoder_eval import nearest_neighbours, pearson, text_metrics
+from quantx_onnx.errors import InputError
 
 from .helpers import assert_means_its_reference, quantx_session
 
@@ -118,10 +119,13 @@ def test_synthetic_images_are_seeded_and_normalised():
     assert not np.array_equal(a, synthetic_images(4, SIZE, seed=2))
     # pixels in [0, 1] before ImageNet normalisation: within about [-2.2, 2.7]
     assert a.min() >= -2.2 and a.max() <= 2.7 and a.std() > 0.3
+    assert synthetic_images(2, SIZE, kind="leaves").shape == (2, 3, SIZE, SIZE)
+    with pytest.raises(InputError, match="synthetic:leaves"):
+        synthetic_images(2, SIZE, kind="clouds")
 
 
 def test_photos_fill_the_sample_count_with_crops(tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     rng = np.random.default_rng(0)
     for i in range(2):
@@ -189,7 +193,7 @@ def test_the_default_vision_model_means_its_reference_and_beats_data_free(
 
 
 def test_calibration_photos_replace_the_synthetic_images(vision, tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -106,11 +106,17 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * out[:, i : i + img.shape[1]] for i in range(2 * r + 1)).astype(np.float32)
 
 
-def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """[count, 3, size, size]: alternately dead leaves and 1/f noise."""
+IMAGE_KINDS = {"leaves": (dead_leaves,), "noise": (pink_noise,), "": (dead_leaves, pink_noise)}
+
+
+def synthetic_images(count: int, size: int, seed: int = 0, kind: str = "") -> np.ndarray:
+    """[count, 3, size, size]: dead leaves and 1/f noise alternately (``kind`` "leaves" or
+    "noise": one of them only, ``synthetic:leaves`` / ``synthetic:noise``)."""
+    if kind not in IMAGE_KINDS:
+        raise InputError(f"synthetic:{kind}: choose synthetic, synthetic:leaves, synthetic:noise")
     rng = np.random.default_rng(seed)
-    make = (dead_leaves, pink_noise)
-    return np.stack([_normalise(make[i % 2](size, rng)) for i in range(count)])
+    make = IMAGE_KINDS[kind]
+    return np.stack([_normalise(make[i % len(make)](size, rng)) for i in range(count)])
 
 
 def photo_images(spec: str, count: int, size: int, seed: int = 0) -> np.ndarray:
@@ -161,8 +167,8 @@ def encoder_feeds(model: ir.Model, folder: Path, spec: str, config) -> list[dict
         name, c, h, w = image
         if h != w:
             raise InputError(f"image input {name}: {h}x{w}; calibration needs a square input")
-        if spec == SYNTHETIC:
-            x = synthetic_images(samples, h, seed)
+        if spec.split(":")[0] == SYNTHETIC:
+            x = synthetic_images(samples, h, seed, spec.partition(":")[2])
         else:
             x = photo_images(spec, samples, h, seed)
         if c == 1:
