@@ -572,7 +572,7 @@ def _run_generate(args) -> int:
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate exported decoders")
+    p = sub.add_parser("eval", help="evaluate exported decoders and encoders")
     esub = p.add_subparsers(dest="eval", required=True)
     for name, help_ in (
         ("perplexity", "perplexity of one model, as JSON"),
@@ -590,6 +590,34 @@ def _add_eval(sub):
         e.add_argument("--window", type=int, default=1024)
         e.add_argument("--threads", type=int, default=None)
         e.set_defaults(run=_run_eval)
+    e = esub.add_parser(
+        "encoder",
+        help="image models / text encoders against their float model on real inputs, as JSON",
+        description="Pearson correlation of the outputs pooled over photos (image models); "
+        "mean cosine of sentence embeddings and nearest-neighbour agreement (text encoders)",
+    )
+    e.add_argument("reference", help="the float model (.onnx or export folder)")
+    e.add_argument("models", nargs="+", metavar="MODEL", help="quantized models to compare")
+    e.add_argument("--photos", default="skimage:eval", help="folder, image or skimage:eval")
+    e.add_argument("--text", default="gensim:lee", help="sentence source (file or gensim:*)")
+    e.add_argument("--sentences", type=int, default=300, help="how many sentences")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(run=_run_eval_encoder)
+
+
+def _run_eval_encoder(args) -> int:
+    from .encoder_eval import compare
+
+    rows = compare(
+        args.reference,
+        args.models,
+        photos=args.photos,
+        text=args.text,
+        count=args.sentences,
+        threads=args.threads,
+    )
+    print(json.dumps(rows, indent=1))
+    return 0
 
 
 def _run_eval(args) -> int:

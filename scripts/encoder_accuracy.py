@@ -31,9 +31,11 @@ from quantx_onnx.cli import build_parser, optimize_config  # noqa: E402
 from quantx_onnx.encoder_eval import Reference  # noqa: E402
 from quantx_onnx.pipeline import optimize  # noqa: E402
 
-ROWS = [
-    ("QuantX default", ""),
-    ("QuantX data-free (RTN g64)", "--data-free"),
+ROWS = [  # (name, optimize args, the one model it applies to or None)
+    ("QuantX default", "", None),
+    ("QuantX data-free (RTN g64)", "--data-free", None),
+    ("QuantX GPTQ, real calibration photos", "--calib-images skimage:calib", "vit"),
+    ("QuantX GPTQ, real calibration text", "--calib-text gensim:wiki-calib", "minilm"),
 ]
 ORT_BITS = (4, 2, 8)
 
@@ -111,7 +113,7 @@ def main() -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     srcs = models(cache)
-    rows = ROWS + [tuple(r.split("=", 1)) for r in args.row]
+    rows = ROWS + [(*r.split("=", 1), None) for r in args.row]
     only = set(args.only.split(";")) if args.only else None
     results = []
     for name, src in srcs.items():
@@ -120,7 +122,7 @@ def main() -> int:
         ref = Reference(src, threads=args.threads)
         print(f"## {name}: {ref.inputs}", flush=True)
         cands = [] if args.no_ort else [(f"ORT MatMulNBits {b}-bit b32", b) for b in ORT_BITS]
-        cands += [(label, a) for label, a in rows]
+        cands += [(label, a) for label, a, only_for in rows if only_for in (None, name)]
         for label, spec in cands:
             if only and f"{name}:{label}" not in only:
                 continue

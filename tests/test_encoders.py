@@ -290,3 +290,17 @@ def test_minilm_default_beats_data_free_on_real_sentences(minilm, tmp_path):
     ref = Reference(fp, count=60)
     default, data_free = ref.compare(q), ref.compare(rtn)
     assert default["mean_cosine"] > data_free["mean_cosine"] + 0.02, (default, data_free)
+
+
+def test_eval_encoder_prints_the_pearson_of_each_model(vision, vision_default, tmp_path, capsys):
+    from quantx_onnx.cli import main
+
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        pixels = rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)
+        image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    out, _ = vision_default
+    assert main(["eval", "encoder", str(vision), str(out), "--photos", str(tmp_path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["photos"] == 2 and 0.5 < row["pearson"] < 1.0
