@@ -56,11 +56,15 @@ def image_input(model: ir.Model) -> tuple[str, int, int, int] | None:
 
 
 def text_inputs(model: ir.Model) -> list[str] | None:
-    """The input names of a text encoder (input_ids, optional attention_mask and
-    token_type_ids, nothing else); None for anything else (decoders with a KV cache too)."""
+    """The input names of a text encoder (input_ids, optional attention_mask, token_type_ids
+    and position_ids, nothing else); None for anything else: decoders with a KV cache, and
+    language models without one (per-token logits [B, S, V])."""
     names = [v.name for v in model.graph.inputs]
     if "input_ids" not in names:
         return None
+    for v in model.graph.outputs:
+        if v.name == "logits" and v.shape is not None and len(v.shape) == 3:
+            return None
     if any(
         n not in ("input_ids", "attention_mask", "token_type_ids", "position_ids") for n in names
     ):

@@ -70,7 +70,7 @@ def _tiny_vision(path, seed=0):
 WORDS = [f"{a}{b}{c}" for a in "abcdefgh" for b in "aeiou" for c in "lmnrst"]  # 240 words
 
 
-def _tiny_text(folder, seed=0):
+def _tiny_text(folder, seed=0, out="last_hidden_state", out_shape=None):
     """A text encoder folder: input_ids/attention_mask/token_type_ids -> embedding -> two
     linear layers -> last_hidden_state, with a word-level tokenizer.json."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -85,7 +85,7 @@ def _tiny_text(folder, seed=0):
     w1 = rng.normal(0, 0.1, (64, 128)).astype(np.float32)
     w2 = rng.normal(0, 0.1, (128, 64)).astype(np.float32)
     gather = helper.make_node("Gather", ["table", "input_ids"], ["e"], name="/embeddings/Gather")
-    nodes = _two_layers(gather, "last_hidden_state")
+    nodes = _two_layers(gather, out)
     ints = [
         helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
         for n in ("input_ids", "attention_mask", "token_type_ids")
@@ -94,7 +94,7 @@ def _tiny_text(folder, seed=0):
         nodes,
         "text",
         ints,
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
         [numpy_helper.from_array(a, n) for a, n in ((table, "table"), (w1, "w1"), (w2, "w2"))],
     )
     _save(graph, folder / "model.onnx")
@@ -223,6 +223,13 @@ def test_a_text_encoder_calibrates_on_vocabulary_words(tmp_path):
     feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
     feeds["token_type_ids"] = np.zeros_like(ids)
     assert_means_its_reference(out / "model.onnx", feeds)
+
+
+def test_a_language_model_without_kv_cache_is_no_text_encoder(tmp_path):
+    """Per-token logits [B, S, V]: a decoder export without past, left as decoders are."""
+    folder = _tiny_text(tmp_path / "lm", out="logits", out_shape=["b", "s", 64])
+    rep = optimize(folder, tmp_path / "q", QuantConfig())
+    assert rep.calibration is None
 
 
 def test_an_encoder_bit_plan_keeps_its_budget(vision, tmp_path):
