@@ -16,7 +16,8 @@ import onnx_ir as ir
 
 from . import model_io
 from .allocate import BudgetError
-from .calibration.encoders import SYNTHETIC, encoder_defaults, encoder_feeds, is_encoder
+from .calibration.encoders import default_spec as encoder_spec
+from .calibration.encoders import encoder_defaults, encoder_feeds, is_encoder
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
 from .config import QuantConfig
@@ -118,15 +119,15 @@ def _decoder_past_shapes(model: ir.Model) -> dict[str, tuple[int, int]]:
 def default_calibration(model: ir.Model, folder: Path, config: QuantConfig) -> str | None:
     """What a run calibrates on when the user gave nothing: a decoder export with a KV cache
     and a tokenizer generates its own text (``self``) below 8 bits; an encoder (image model,
-    text encoder) calibrates on synthetic inputs (:mod:`.calibration.encoders`); anything else
-    stays data-free."""
+    text encoder with a tokenizer) calibrates on synthetic inputs (:mod:`.calibration.encoders`);
+    anything else stays data-free."""
     if config.calib or config.data_free or config.bits >= 8:  # 8 bits: RTN is near lossless
         return config.calib
     names = {v.name for v in model.graph.inputs}
     decoder = "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
     if decoder:
         return SELF if (folder / "tokenizer.json").is_file() else None
-    return SYNTHETIC if is_encoder(model) else None
+    return encoder_spec(model, folder)
 
 
 def calibration_feeds(

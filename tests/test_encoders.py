@@ -225,6 +225,13 @@ def test_a_text_encoder_calibrates_on_vocabulary_words(tmp_path):
     assert_means_its_reference(out / "model.onnx", feeds)
 
 
+def test_a_text_encoder_without_tokenizer_stays_data_free(tmp_path):
+    folder = _tiny_text(tmp_path / "t")
+    (folder / "tokenizer.json").unlink()
+    rep = optimize(folder / "model.onnx", tmp_path / "q.onnx", QuantConfig())
+    assert rep.calibration is None
+
+
 def test_a_language_model_without_kv_cache_is_no_text_encoder(tmp_path):
     """Per-token logits [B, S, V]: a decoder export without past, left as decoders are."""
     folder = _tiny_text(tmp_path / "lm", out="logits", out_shape=["b", "s", 64])

@@ -46,6 +46,17 @@ def is_encoder(model: ir.Model) -> bool:
     return image_input(model) is not None or text_inputs(model) is not None
 
 
+def default_spec(model: ir.Model, folder: Path) -> str | None:
+    """``synthetic`` for an encoder that can make its own inputs: an image model with a
+    square input, a text encoder with a tokenizer.json beside it; else None (data-free)."""
+    image = image_input(model)
+    if image is not None:
+        return SYNTHETIC if image[2] == image[3] else None
+    if text_inputs(model) is not None and (folder / "tokenizer.json").is_file():
+        return SYNTHETIC
+    return None
+
+
 # --- images --------------------------------------------------------------------------------
 def _normalise(rgb01: np.ndarray) -> np.ndarray:
     """[H, W, 3] in [0, 1] -> [3, H, W] ImageNet-normalised."""
