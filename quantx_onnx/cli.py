@@ -126,8 +126,9 @@ def _add_optimize(sub):
         "--calib-images",
         default=None,
         metavar="DIR",
-        help="VLM folders: calibration images (a folder or one file) for the vision encoder, "
-        "also placed before the --calib-text windows",
+        help="calibration images, a folder or one file (image models also skimage:calib): "
+        "for an image model (default: synthetic inputs) or a VLM folder's vision encoder (also "
+        "placed before the --calib-text windows)",
     )
     p.add_argument(
         "--component",
@@ -221,11 +222,11 @@ def _add_optimize(sub):
     p.set_defaults(run=_run_optimize)
 
 
-def _run_optimize(args) -> int:
+def optimize_config(args):
+    """The QuantConfig of parsed ``optimize`` arguments."""
     from .config import QuantConfig
-    from .pipeline import optimize
 
-    config = QuantConfig(
+    return QuantConfig(
         bits=args.bits,
         group_size=args.group_size,
         symmetric=args.symmetric,
@@ -258,8 +259,16 @@ def _run_optimize(args) -> int:
         components=tuple(args.component),
         calib_images=args.calib_images,
     )
+
+
+def _run_optimize(args) -> int:
+    from .pipeline import optimize
+
     report = optimize(
-        args.model, args.output, config, progress=None if args.quiet else _progress("weights")
+        args.model,
+        args.output,
+        optimize_config(args),
+        progress=None if args.quiet else _progress("weights"),
     )
     if args.quiet:
         print(report.output)
@@ -613,7 +622,7 @@ def _run_generate(args) -> int:
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate exported decoders")
+    p = sub.add_parser("eval", help="evaluate exported decoders and encoders")
     esub = p.add_subparsers(dest="eval", required=True)
     for name, help_ in (
         ("perplexity", "perplexity of one model, as JSON"),
@@ -631,6 +640,34 @@ def _add_eval(sub):
         e.add_argument("--window", type=int, default=1024)
         e.add_argument("--threads", type=int, default=None)
         e.set_defaults(run=_run_eval)
+    e = esub.add_parser(
+        "encoder",
+        help="image models / text encoders against their float model on real inputs, as JSON",
+        description="Pearson correlation of the outputs pooled over photos (image models); "
+        "mean cosine of sentence embeddings and nearest-neighbour agreement (text encoders)",
+    )
+    e.add_argument("reference", help="the float model (.onnx or export folder)")
+    e.add_argument("models", nargs="+", metavar="MODEL", help="quantized models to compare")
+    e.add_argument("--photos", default="skimage:eval", help="folder, image or skimage:eval")
+    e.add_argument("--text", default="gensim:lee", help="sentence source (file or gensim:*)")
+    e.add_argument("--sentences", type=int, default=300, help="how many sentences")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(run=_run_eval_encoder)
+
+
+def _run_eval_encoder(args) -> int:
+    from .encoder_eval import compare
+
+    rows = compare(
+        args.reference,
+        args.models,
+        photos=args.photos,
+        text=args.text,
+        count=args.sentences,
+        threads=args.threads,
+    )
+    print(json.dumps(rows, indent=1))
+    return 0
 
 
 def _run_eval(args) -> int:

@@ -16,6 +16,8 @@ import onnx_ir as ir
 
 from . import model_io, vlm
 from .allocate import BudgetError
+from .calibration.encoders import default_spec as encoder_spec
+from .calibration.encoders import encoder_defaults, encoder_feeds, is_encoder
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
 from .config import QuantConfig
@@ -117,13 +119,16 @@ def _decoder_past_shapes(model: ir.Model) -> dict[str, tuple[int, int]]:
 
 def default_calibration(model: ir.Model, folder: Path, config: QuantConfig) -> str | None:
     """What a run calibrates on when the user gave nothing: a decoder export with a KV cache
-    and a tokenizer generates its own text (``self``) below 8 bits; anything else stays
-    data-free."""
+    and a tokenizer generates its own text (``self``) below 8 bits; an encoder (image model,
+    text encoder with a tokenizer) calibrates on synthetic inputs (:mod:`.calibration.encoders`);
+    anything else stays data-free."""
     if config.calib or config.data_free or config.bits >= 8:  # 8 bits: RTN is near lossless
         return config.calib
     names = {v.name for v in model.graph.inputs}
     decoder = "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
-    return SELF if decoder and (folder / "tokenizer.json").is_file() else None
+    if decoder:
+        return SELF if (folder / "tokenizer.json").is_file() else None
+    return encoder_spec(model, folder)
 
 
 def calibration_feeds(
@@ -141,6 +146,8 @@ def calibration_feeds(
             raise InputError("calibration feeds are empty")
         return out
     folder = source.folder or source.model_path.parent
+    if is_encoder(model):
+        return encoder_feeds(model, folder, config.calib, config)
     names = [v.name for v in model.graph.inputs]
     if "input_ids" not in names:
         raise InputError("--calib-text needs a decoder export with input_ids; pass feeds instead")
@@ -236,6 +243,15 @@ def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, p
 
 
 INPUT_SCALE_MAX_BPW = 0.05  # end-to-end tuning's input scales, when they cost less than this
+
+
+def _encoder_plan(*args):
+    from .calibration.encoder_plan import plan_for_run
+
+    try:
+        return plan_for_run(*args)
+    except BudgetError as e:
+        raise InputError(f"bit allocation: {e}; give a larger --budget-bpw") from e
 
 
 def _input_scale_bytes(shapes: list[tuple[int, int]]) -> int:
@@ -336,10 +352,12 @@ def optimize(
         from .vlm.optimize import optimize_vlm
 
         return optimize_vlm(model, output, config, progress)
-    if config.components or config.calib_images:
-        raise InputError(
-            f"{model}: --component and --calib-images need a VLM export folder (with {vlm.VISION})"
-        )
+    if config.components:
+        raise InputError(f"{model}: --component needs a VLM export folder (with {vlm.VISION})")
+    if config.calib_images:  # an image model's photos: its calibration source
+        if config.calib:
+            raise InputError("give one of --calib-text and --calib-images")
+        config = dataclasses.replace(config, calib=config.calib_images, calib_images=None)
     target = resolve_target(config.target)
     level = target.accuracy_level if config.accuracy_level is None else config.accuracy_level
     source = model_io.resolve_input(model)
@@ -351,7 +369,7 @@ def optimize(
     ir_model = model_io.load_model(source)
     folder = source.folder or source.model_path.parent
     config = dataclasses.replace(config, calib=default_calibration(ir_model, folder, config))
-    config = config.resolved()
+    config = encoder_defaults(ir_model, config).resolved()
     if config.calibrated:
         from .calibration.device import check_device
 
@@ -389,7 +407,7 @@ def optimize(
         phases["calibration data"] = time.perf_counter() - clock
         if config.allocating:
             clock = time.perf_counter()
-            plan = _plan(
+            plan = (_encoder_plan if is_encoder(ir_model) else _plan)(
                 ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress
             )
             quantizer = with_plan(plan.recipes, quantizer)

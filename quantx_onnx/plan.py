@@ -76,6 +76,16 @@ class Plan:
     planned_bytes: int
     estimated_loss: float  # summed estimates, nats per token
 
+    @classmethod
+    def of(cls, chosen: dict, budget: int) -> Plan:
+        """The plan of an allocation (:func:`..allocate.allocate`'s result)."""
+        return cls(
+            {k: c.recipe for k, c in chosen.items()},
+            budget,
+            sum(c.bytes for c in chosen.values()),
+            float(sum(c.cost for c in chosen.values())),
+        )
+
     def to_json(self) -> dict:
         counts: dict[str, int] = {}
         for r in self.recipes.values():
@@ -124,10 +134,4 @@ def make_plan(
             Candidate(r, stored_bytes(r, K, N, layout), estimate(r, key, w, sens, layout))
             for r in options
         ]
-    chosen = allocate(candidates, budget)
-    return Plan(
-        {k: c.recipe for k, c in chosen.items()},
-        budget,
-        sum(c.bytes for c in chosen.values()),
-        float(sum(c.cost for c in chosen.values())),
-    )
+    return Plan.of(allocate(candidates, budget), budget)

@@ -149,6 +149,7 @@ def test_missing_input(tmp_path):
         (["--group-size", "24"], "--group-size 24"),
         (["--target", "riscv"], "--target 'riscv'"),
         (["--exclude", "("], "invalid regular expression"),
+        (["--calib-text", "t.txt", "--calib-images", "d"], "one of --calib-text and --calib-"),
     ],
 )
 def test_invalid_flags(small_model, tmp_path, flags, text):

