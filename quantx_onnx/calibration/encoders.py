@@ -170,9 +170,13 @@ def random_word_texts(folder: Path, count: int, max_words: int, seed: int = 0) -
 
 
 # --- feeds ---------------------------------------------------------------------------------
+ENCODER_SAMPLES = 32  # inputs per calibration run (64 images measured no better: ACCURACY.md)
+
+
 def encoder_feeds(model: ir.Model, folder: Path, spec: str, config) -> list[dict]:
     """Calibration batches of an encoder from ``spec`` (``synthetic``, photos or text)."""
-    samples, batch, seed = config.calib_samples, config.calib_batch, config.seed
+    samples = config.calib_samples or ENCODER_SAMPLES
+    batch, seed = config.calib_batch, config.seed
     image = image_input(model)
     if image is not None:
         name, c, h, w = image
