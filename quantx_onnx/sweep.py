@@ -283,6 +283,7 @@ def plot(result: dict, path: Path) -> Path:
 
     texts = result["eval_texts"]
     rows = result["rows"]
+    per_mb = next((r["file_bpw"] / r["file_mb"] for r in rows if r["file_bpw"]), None)
     fig, axes = plt.subplots(1, len(texts) + 1, figsize=(6 * (len(texts) + 1), 5))
     style = {
         "budget": ("o", "C0"),
@@ -314,9 +315,8 @@ def plot(result: dict, path: Path) -> Path:
                 ax.scatter([mb], [ppl], marker="x", color="C3" if "ORT" in name else "C4",
                            label="peers (recorded, FINDINGS.md)" if i == 0 else None)  # fmt: skip
                 ax.annotate(name, (mb, ppl), fontsize=6, xytext=(3, -8), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("model file (MB, log scale)")
-        ax.set_ylabel(f"perplexity, {text}")
+        _size_axes(ax, per_mb)
+        ax.set_ylabel(f"perplexity, {Path(text).name}")
         fp = next((r["ppl"][text] for r in rows if r["kind"] == "fp32"), None)
         if fp:
             ax.set_ylim(fp * 0.95, min(max(r["ppl"][text] for r in rows), fp * 2.5) * 1.05)
@@ -330,16 +330,34 @@ def plot(result: dict, path: Path) -> Path:
         for r in pts:
             ax.annotate(r["name"].replace("budget-", ""), (r["file_mb"], r["decode_tok_s"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("model file (MB, log scale)")
+    _size_axes(ax, per_mb)
     ax.set_ylabel("decode tokens/s (measured here)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{Path(result['model']).name}: calibrated on {result['calibration']}")
+    name = Path(result["model"]).name
+    fig.suptitle(f"{name}: calibrated on {Path(result['calibration']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _size_axes(ax, per_mb: float | None) -> None:
+    """Log file size below, bits per quantized weight above; plain numbers on both."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("model file (MB, log scale)")
+    axes = [ax]
+    if per_mb:
+        top = ax.secondary_xaxis("top", functions=(lambda mb: mb * per_mb, lambda b: b / per_mb))
+        top.set_xlabel("bits per quantized weight (whole file)")
+        axes.append(top)
+    for a in axes:
+        a.xaxis.set_major_formatter(plain)
+        a.xaxis.set_minor_formatter(plain)
+        a.tick_params(axis="x", which="minor", labelsize=6)
 
 
 def front_is_monotone(rows: list[dict], text: str) -> bool:
