@@ -10,7 +10,7 @@ importance-weighted clip-search rounding (the final GPTQ pass lowers every candi
 by a similar factor, so the ranking holds). User overrides pin their matrices.
 
 With an explicit budget (``--budget-bpw``, ``--budget-mb``, ``--speedup``) the search is wider:
-group sizes 32/64/128 and fp16 or hierarchical scales besides the bits (:data:`SEARCH_GROUPS`),
+group sizes 32 and 128 and fp16 or hierarchical scales besides the bits (:data:`SEARCH_GROUPS`),
 each candidate also timed by the target's cost model (:mod:`.bench.target_cost`), and
 ``--budget-bpw`` bounds the whole file: bytes * 8 / (quantized weights) <= X.
 """
@@ -56,8 +56,8 @@ def candidate_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
     return out
 
 
-SEARCH_GROUPS = (32, 64, 128)  # group sizes of the wider search (explicit budgets)
-SEARCH_FP16_GROUPS = (64, 128)  # ... where fp16 scales (no sub-scales) are also tried
+SEARCH_GROUPS = (32, 128)  # group sizes of the wider search (explicit budgets)
+SEARCH_FP16_GROUPS = (128,)  # ... where fp16 scales (no sub-scales) are also tried
 
 
 def search_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
