@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 from .config import QuantConfig
@@ -174,6 +175,9 @@ def _evaluate(models, out, texts, max_tokens, window, threads, bar) -> dict:
     cache = _load_json(cache_path) or {}
     todo = [(n, t) for n in models for t in texts if f"{n}|{t}|{max_tokens}|{window}" not in cache]
     for name, text in bar(todo, "sweep: perplexity"):
+        cache = {**cache, **(_load_json(cache_path) or {})}
+        if f"{name}|{text}|{max_tokens}|{window}" in cache:
+            continue
         from .data import load_text
 
         r = perplexity(
@@ -183,8 +187,12 @@ def _evaluate(models, out, texts, max_tokens, window, threads, bar) -> dict:
             window=window,
             threads=threads,
         )
+        # merged with what is there now: another process may be filling the same cache
+        cache = {**(_load_json(cache_path) or {}), **cache}
         cache[f"{name}|{text}|{max_tokens}|{window}"] = r["perplexity"]
-        cache_path.write_text(json.dumps(cache, indent=1))
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(cache_path)
     return {(n, t): cache[f"{n}|{t}|{max_tokens}|{window}"] for n in models for t in texts}
 
 
