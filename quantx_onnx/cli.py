@@ -730,6 +730,13 @@ def _add_sweep(sub):
     p.add_argument("--decode-rounds", type=int, default=5)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=None,
+        help="end-to-end tuning passes of every point (default: optimize's; 0 saves most of "
+        "a point's time on a CPU)",
+    )
     p.set_defaults(run=_run_sweep)
 
 
@@ -749,7 +756,11 @@ def _run_sweep(args) -> int:
         window=args.window,
         threads=args.threads,
         decode_rounds=args.decode_rounds,
-        config=QuantConfig(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len),
+        config=QuantConfig(
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
+            e2e_epochs=args.e2e_epochs,
+        ),
         progress=_progress("sweep"),
     )
     return 0
