@@ -337,7 +337,7 @@ def _optimize_summary(report) -> str:
                 want = p.get("speedup_budget")
                 lines.append(
                     f"    decode matmuls (cost model {p['cost_model']}): "
-                    f"{p['estimated_decode_matmul_ms']:.2f} ms/token, "
+                    f"{p['estimated_decode_matmul_ms']:.3f} ms/token, "
                     f"{p['estimated_speedup_vs_fp32']:.2f}x fp32"
                     + (f" (asked {want:.2f}x)" if want else "")
                     + f"; the fastest plan of this size: {p['max_speedup_vs_fp32']:.2f}x"
