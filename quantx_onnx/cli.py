@@ -731,6 +731,13 @@ def _add_sweep(sub):
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument(
+        "--calib-batch",
+        type=int,
+        default=4,
+        help="windows per calibration batch (2 halves the sensitivity pass's memory; it reads "
+        "4 batches)",
+    )
+    p.add_argument(
         "--e2e-epochs",
         type=int,
         default=None,
@@ -759,6 +766,7 @@ def _run_sweep(args) -> int:
         config=QuantConfig(
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
+            calib_batch=args.calib_batch,
             e2e_epochs=args.e2e_epochs,
         ),
         progress=_progress("sweep"),

@@ -49,14 +49,15 @@ class Point:
 
 
 def plan_points(budgets, uniform_bits, speed_at) -> list[Point]:
-    """The budgets first (they share the sensitivity), then speed points, then uniform ones."""
+    """The budgets in the order given (they share the sensitivity), each speed point right
+    after its accuracy-first budget, then the uniform recipes."""
     points = []
-    for bpw in sorted(set(budgets) | set(speed_at)):
+    for bpw in dict.fromkeys([*budgets, *speed_at]):
         points.append(
             Point(f"budget-{bpw:.2f}", "budget", {"budget_bpw": bpw}, f"--budget-bpw {bpw}", bpw)
         )
-    for bpw in speed_at:
-        points.append(Point(f"speed-{bpw:.2f}", "speed", {"budget_bpw": bpw}, "", bpw))
+        if bpw in speed_at:
+            points.append(Point(f"speed-{bpw:.2f}", "speed", {"budget_bpw": bpw}, "", bpw))
     for b in uniform_bits:
         points.append(
             Point(
