@@ -724,6 +724,13 @@ def _add_sweep(sub):
     p.add_argument(
         "--speed-at", default="4.0", help="budgets that also get a --speedup point ('' none)"
     )
+    p.add_argument(
+        "--speed-fraction",
+        type=float,
+        default=0.3,
+        help="a speed point's --speedup: this far from the accuracy-first plan's estimated "
+        "speed (0) to the fastest plan of its size (1)",
+    )
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
@@ -763,6 +770,7 @@ def _run_sweep(args) -> int:
         window=args.window,
         threads=args.threads,
         decode_rounds=args.decode_rounds,
+        speed_fraction=args.speed_fraction,
         config=QuantConfig(
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
