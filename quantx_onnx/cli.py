@@ -157,6 +157,23 @@ def _add_optimize(sub):
         "--uniform", action="store_true", help="one recipe for every matrix (no bit allocation)"
     )
     p.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        metavar="X",
+        help="bit allocation: decode matmuls at least X times faster than fp32, by the "
+        "target's cost model (python -m quantx_onnx bench calibrate-target)",
+    )
+    p.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=None,
+        metavar="P",
+        help="the smallest model whose perplexity on a held-out part of the calibration text "
+        "is at most P (0.1 = +10%%) above fp32's; searches the budget, one full quantization "
+        "per step",
+    )
+    p.add_argument(
         "--e2e-epochs",
         type=int,
         default=None,
@@ -258,18 +275,26 @@ def optimize_config(args):
         portable=args.portable,
         components=tuple(args.component),
         calib_images=args.calib_images,
+        speedup=args.speedup,
+        max_ppl_increase=args.max_ppl_increase,
     )
 
 
 def _run_optimize(args) -> int:
     from .pipeline import optimize
 
-    report = optimize(
-        args.model,
-        args.output,
-        optimize_config(args),
-        progress=None if args.quiet else _progress("weights"),
-    )
+    config = optimize_config(args)
+    progress = None if args.quiet else _progress("weights")
+    if config.max_ppl_increase is not None:
+        from .tradeoff import optimize_to_quality
+
+        report = optimize_to_quality(args.model, args.output, config, progress=progress)
+        return _print_optimize(report, args)
+    report = optimize(args.model, args.output, config, progress=progress)
+    return _print_optimize(report, args)
+
+
+def _print_optimize(report, args) -> int:
     if args.quiet:
         print(report.output)
         return 0
@@ -349,6 +374,19 @@ def _optimize_summary(report) -> str:
             )
             for recipe, count in sorted(p["recipes"].items()):
                 lines.append(f"    {count:4d} x {recipe}")
+            if p.get("estimated_speedup_vs_fp32"):
+                want = p.get("speedup_budget")
+                lines.append(
+                    f"    decode matmuls (cost model {p['cost_model']}): "
+                    f"{p['estimated_decode_matmul_ms']:.3f} ms/token, "
+                    f"{p['estimated_speedup_vs_fp32']:.2f}x fp32"
+                    + (f" (asked {want:.2f}x)" if want else "")
+                    + f"; the fastest plan of this size: {p['max_speedup_vs_fp32']:.2f}x"
+                )
+            lines.append(
+                f"    whole file: {8 * report.bytes_after / max(params, 1):.3f} bits per "
+                f"quantized weight"
+            )
         blocks = c.get("block_reconstruction") or []
         if blocks:
             kept = [b for b in blocks if b["kept"]]
@@ -508,6 +546,16 @@ def _add_bench(sub):
     lc.add_argument("--gguf", help="llama.cpp model to run (default: Q4_0 of the packaged SmolLM2)")
     lc.add_argument("--json", help="also write the results to this JSON file")
     lc.set_defaults(run=_run_bench_llamacpp)
+    c = bsub.add_parser(
+        "calibrate-target",
+        help="the bit allocator's cost model: kernel time per weight of every candidate format "
+        "(bits, group, scales) at decode and prefill, measured here and cached",
+    )
+    c.add_argument("--target", default="auto", help="auto (this machine) or a target name")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--force", action="store_true", help="measure again even if cached")
+    c.add_argument("--json", help="also write the cost model to this JSON file")
+    c.set_defaults(run=_run_bench_calibrate_target)
 
 
 def _parse_list(text, item):
@@ -768,6 +816,96 @@ def _run_bench_llamacpp(args) -> int:
     return 0
 
 
+def _run_bench_calibrate_target(args) -> int:
+    from .bench import target_cost
+
+    model, path = target_cost.calibrate_target(
+        args.target, args.threads, force=args.force, progress=_progress("timing formats")
+    )
+    target_cost.describe(model)
+    print(f"cached in {path}" if path else "built-in default (this machine cannot run it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(model.to_json(), indent=1))
+    return 0
+
+
+# --- sweep ---------------------------------------------------------------------------------
+def _add_sweep(sub):
+    p = sub.add_parser(
+        "sweep",
+        help="the Pareto front: budgets and uniform recipes against perplexity and decode speed",
+        description="Quantize MODEL at several budgets (one shared calibration) and the uniform "
+        "recipes, evaluate perplexity and decode tokens/s, print the table and write a PNG plot.",
+    )
+    p.add_argument("model", help="fp32 export folder")
+    p.add_argument("--calib-text", required=True, help="calibration text (as for optimize)")
+    p.add_argument(
+        "--eval-text", action="append", required=True, help="evaluated text (repeatable)"
+    )
+    p.add_argument("-o", "--output", default="sweep-out", help="folder for models, table, plot")
+    p.add_argument("--budgets", default="3.0,3.5,4.0,4.5", help="bits per weight, comma list")
+    p.add_argument("--uniform-bits", default="2,3,4", help="uniform recipes (comma list)")
+    p.add_argument(
+        "--speed-at", default="4.0", help="budgets that also get a --speedup point ('' none)"
+    )
+    p.add_argument(
+        "--speed-fraction",
+        type=float,
+        default=0.3,
+        help="a speed point's --speedup: this far from the accuracy-first plan's estimated "
+        "speed (0) to the fastest plan of its size (1)",
+    )
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-rounds", type=int, default=5)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument(
+        "--calib-batch",
+        type=int,
+        default=4,
+        help="windows per calibration batch (2 halves the sensitivity pass's memory; it reads "
+        "4 batches)",
+    )
+    p.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=None,
+        help="end-to-end tuning passes of every point (default: optimize's; 0 saves most of "
+        "a point's time on a CPU)",
+    )
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from .config import QuantConfig
+    from .sweep import run_sweep
+
+    run_sweep(
+        args.model,
+        args.output,
+        calib=args.calib_text,
+        eval_texts=args.eval_text,
+        budgets=_parse_list(args.budgets, float),
+        uniform_bits=_parse_list(args.uniform_bits, int),
+        speed_at=_parse_list(args.speed_at, float),
+        max_tokens=args.max_tokens,
+        window=args.window,
+        threads=args.threads,
+        decode_rounds=args.decode_rounds,
+        speed_fraction=args.speed_fraction,
+        config=QuantConfig(
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
+            calib_batch=args.calib_batch,
+            e2e_epochs=args.e2e_epochs,
+        ),
+        progress=_progress("sweep"),
+    )
+    return 0
+
+
 # --- demo ----------------------------------------------------------------------------------
 def _add_demo(sub):
     p = sub.add_parser("demo", help="SmolLM2: export, quantize, compare with fp32 and ORT 4-bit")
@@ -811,6 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_sweep(sub)
     _add_demo(sub)
     return parser
 

@@ -72,6 +72,11 @@ class QuantConfig:
     # images (a folder or one file)
     components: tuple[str, ...] = ()
     calib_images: str | None = None
+    # trade-offs (issue 10): a decode speed budget against fp32 from the target's cost model,
+    # a held-out perplexity bound (tradeoff.py), and the wider plan search of explicit budgets
+    speedup: float | None = None
+    max_ppl_increase: float | None = None  # fraction: 0.1 = at most +10% perplexity
+    plan_search: bool | None = None  # None: on when a budget or --speedup was given
 
     def samples_for(self, calib: str | None) -> int:
         """Calibration windows for the source spec ``calib``: --calib-samples when given, else
@@ -122,6 +127,10 @@ class QuantConfig:
             fields["scale_bits"] = 0
         if self.e2e_epochs is None:
             fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
+        if self.plan_search is None:
+            fields["plan_search"] = any(
+                v is not None for v in (self.budget_bpw, self.budget_mb, self.speedup)
+            )
         if (
             self.calibrated
             and self.bits <= 4  # an 8-bit model has no margin worth allocating
@@ -174,6 +183,14 @@ class QuantConfig:
             raise InputError(f"--budget-mb {self.budget_mb}: must be positive")
         if (self.budget_bpw is not None or self.budget_mb is not None) and self.data_free:
             raise InputError("a budget is allocated from calibration: drop --data-free")
+        if self.speedup is not None and not self.speedup > 0:
+            raise InputError(f"--speedup {self.speedup}: must be positive")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise InputError(f"--max-ppl-increase {self.max_ppl_increase}: must be positive")
+        if (self.speedup or self.max_ppl_increase) and (self.uniform or self.data_free):
+            raise InputError(
+                "--speedup/--max-ppl-increase plan from calibration: drop --uniform/--data-free"
+            )
         if self.block_steps < 0:
             raise InputError(f"--block-steps {self.block_steps}: must be >= 0")
         if self.e2e_epochs is not None and self.e2e_epochs < 0:

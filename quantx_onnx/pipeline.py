@@ -184,8 +184,12 @@ def calibration_feeds(
 SENSITIVITY_BATCHES = 4  # calibration batches the Fisher pass reads (8192 tokens by default)
 
 
-def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress):
-    """Measure sensitivity on the float model, then allocate bits under the budget."""
+def _plan(
+    ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress, shared=None
+):
+    """Measure sensitivity on the float model, then allocate bits under the budget.
+    ``shared`` (a dict kept by the caller across runs of one model and calibration, e.g. a
+    sweep of budgets) caches the sensitivity and every candidate's price."""
     from .calibration.sensitivity import measure
     from .passes.rule import weight_array
     from .plan import make_plan
@@ -193,16 +197,20 @@ def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, p
     by_key: dict[WeightKey, list[LinearMatch]] = {}
     for m in matches:
         by_key.setdefault(m.key, []).append(m)
-    try:
-        sens = measure(
-            ir_model,
-            matches,
-            feeds[:SENSITIVITY_BATCHES],
-            device=config.device,
-            progress=_bar(progress, "measuring sensitivity"),
-        )
-    except ValueError as e:
-        raise InputError(f"bit allocation: {e} (use --uniform)") from e
+    sens = None if shared is None else shared.get("sensitivity")
+    if sens is None:
+        try:
+            sens = measure(
+                ir_model,
+                matches,
+                feeds[:SENSITIVITY_BATCHES],
+                device=config.device,
+                progress=_bar(progress, "measuring sensitivity"),
+            )
+        except ValueError as e:
+            raise InputError(f"bit allocation: {e} (use --uniform)") from e
+        if shared is not None:
+            shared["sensitivity"] = sens
     weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
     base, pinned = {}, set()
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
@@ -224,22 +232,78 @@ def _plan(ir_model, matches, tables, feeds, config, recipe, overrides, layout, p
     # end-to-end tuning adds an fp16 input scale (K values) to every quantized weight
     shapes = [w.shape for w in weights.values()]
     reserved = _input_scale_bytes(shapes) if _tunes_input_channels(shapes, config) else 0
+    table_recipes = {k: table_recipe for k in tables if config.embedding_bits != 0}
     try:
-        return make_plan(
+        if not config.plan_search:  # the default run's plan, as before
+            return make_plan(
+                weights,
+                base,
+                pinned,
+                table_recipes,
+                sens,
+                layout,
+                budget_bpw=config.budget_bpw,
+                budget_mb=config.budget_mb,
+                other_bytes=other,
+                reserved_bytes=reserved,
+                progress=_bar(progress, "pricing recipes"),
+            )
+        return _searched_plan(
+            weights, base, pinned, table_recipes, sens, layout, by_key, config, other, reserved,
+            progress, shared,
+        )  # fmt: skip
+    except BudgetError as e:
+        raise InputError(
+            f"bit allocation: {e}; give a larger --budget-bpw/--budget-mb or a smaller --speedup"
+        ) from e
+
+
+def _searched_plan(
+    weights, base, pinned, tables, sens, layout, by_key, config, other, reserved, progress, shared
+):
+    """An explicit budget's plan: the wider search, priced in bytes, loss and decode time
+    (the target's cost model), --budget-bpw counted over the whole file."""
+    from .bench.target_cost import load_cost_model
+    from .plan import plan_from_candidates, price_candidates, weight_budget
+
+    cost_model = load_cost_model(config.target, config.threads or 2)
+    matmul_keys = {k for k, ms in by_key.items() if any(m.rule != "gather" for m in ms)}
+    prices = None if shared is None else shared.setdefault("prices", {})
+    candidates = price_candidates(
+        weights,
+        base,
+        pinned,
+        tables,
+        sens,
+        layout,
+        search=True,
+        cost_model=cost_model,
+        matmul_keys=matmul_keys,
+        prices=prices,
+        progress=_bar(progress, "pricing recipes"),
+    )
+    if config.budget_bpw is None and config.budget_mb is None:
+        budget = -1  # --speedup alone: no byte bound
+    else:
+        budget = weight_budget(
             weights,
-            base,
-            pinned,
-            {k: table_recipe for k in tables if config.embedding_bits != 0},
-            sens,
-            layout,
             budget_bpw=config.budget_bpw,
             budget_mb=config.budget_mb,
             other_bytes=other,
             reserved_bytes=reserved,
-            progress=_bar(progress, "pricing recipes"),
+            file_bpw=True,
         )
-    except BudgetError as e:
-        raise InputError(f"bit allocation: {e}; give a larger --budget-bpw/--budget-mb") from e
+    fp32_ns = sum(
+        weights[k].shape[0] * weights[k].shape[1] * cost_model.fp32_decode_ns for k in matmul_keys
+    )
+    return plan_from_candidates(
+        candidates,
+        budget,
+        speedup=config.speedup,
+        fp32_ns=fp32_ns,
+        cost_model_name=f"{cost_model.target} ({cost_model.source})",
+        names={k: ms[0].weight.name for k, ms in by_key.items()},
+    )
 
 
 INPUT_SCALE_MAX_BPW = 0.05  # end-to-end tuning's input scales, when they cost less than this
@@ -330,6 +394,7 @@ def optimize(
     *,
     progress=None,
     calib_feeds: Iterable[dict] | None = None,
+    shared: dict | None = None,
 ) -> OptimizeReport:
     """Quantize every MatMul/Gemm (and embedding Gather) with a constant weight in ``model``
     (a .onnx file or an optimum export folder) and write the result to ``output`` (a .onnx
@@ -340,7 +405,10 @@ def optimize(
     generates itself unless ``config.data_free``. ``progress(items, desc)`` may wrap each
     long step's iterable (a progress bar). A VLM export folder (with vision_encoder.onnx) has
     each of its graphs quantized with its component's bits (``config.components``) and gives a
-    :class:`quantx_onnx.vlm.optimize.VlmReport` (an OptimizeReport per component)."""
+    :class:`quantx_onnx.vlm.optimize.VlmReport` (an OptimizeReport per component).
+    ``shared``: a dict the caller keeps across runs of one model and calibration source (a
+    sweep of budgets): the calibration batches, the sensitivity and the candidates' prices are
+    computed once."""
     start = time.perf_counter()
     config = config or QuantConfig()
     if calib_feeds is not None and not config.calib:
@@ -403,13 +471,23 @@ def optimize(
     phases: dict[str, float] = {}  # seconds per step of the run
     if config.calib:
         clock = time.perf_counter()
-        feeds = calibration_feeds(ir_model, source, config, calib_feeds, progress)
+        feeds = None if shared is None else shared.get("feeds")
+        if feeds is None:
+            feeds = calibration_feeds(ir_model, source, config, calib_feeds, progress)
+            if shared is not None:
+                shared["feeds"] = feeds
         phases["calibration data"] = time.perf_counter() - clock
         if config.allocating:
             clock = time.perf_counter()
-            plan = (_encoder_plan if is_encoder(ir_model) else _plan)(
-                ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress
-            )
+            if is_encoder(ir_model):
+                plan = _encoder_plan(
+                    ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress
+                )
+            else:
+                plan = _plan(
+                    ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress,
+                    shared,
+                )  # fmt: skip
             quantizer = with_plan(plan.recipes, quantizer)
             phases["sensitivity and bit plan"] = time.perf_counter() - clock
         from .calibration.driver import calibrate_and_quantize
