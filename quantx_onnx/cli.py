@@ -126,7 +126,7 @@ def _add_optimize(sub):
         "--calib-images",
         default=None,
         metavar="DIR",
-        help="calibration images, a folder or one file (image models also skimage:calib): "
+        help="calibration images, a folder, one file or skimage:calib (bundled photos): "
         "for an image model (default: synthetic inputs) or a VLM folder's vision encoder (also "
         "placed before the --calib-text windows)",
     )

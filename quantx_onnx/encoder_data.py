@@ -36,7 +36,7 @@ PHOTOS_EVAL = (
     "retina.jpg",
 )
 PHOTOS_CALIB = ("motorcycle_right.png", "gravel.png", "ihc.png", "clock_motion.png", "cell.png")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 # --- what the model reads ------------------------------------------------------------------

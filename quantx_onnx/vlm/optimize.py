@@ -25,6 +25,7 @@ from .. import model_io
 from ..calibration.feeds import batches, decoder_feeds, token_windows
 from ..calibration.selfgen import SELF
 from ..config import QuantConfig
+from ..encoder_data import photo_paths
 from ..errors import InputError, OutputError
 from ..format import SUPPORTED_BITS
 from ..pipeline import OptimizeReport, _decoder_past_shapes, optimize, write_report
@@ -33,7 +34,6 @@ from .generate import VlmSession
 
 DEFAULT_BITS = {"vision": 4}  # others: text = --bits, embed = text's
 FLOAT = "float"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def parse_components(specs) -> dict[str, int | None]:
@@ -98,18 +98,6 @@ class VlmReport:
         }
 
 
-def _image_files(spec: str) -> list[Path]:
-    p = Path(spec)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise InputError(f"{p}: --calib-images folder holds no images ({IMAGE_SUFFIXES})")
-        return files
-    if not p.is_file():
-        raise InputError(f"{p}: --calib-images: no such file or folder")
-    return [p]
-
-
 def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> dict[str, list]:
     """component -> calibration feeds (the float graphs make the decoder's embeddings; with
     LLaVA-NeXT's varying image lengths, each image's features cut to the shortest's)."""
@@ -117,7 +105,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
     session = VlmSession(folder)
     features = None
     if config.calib_images:
-        files = _image_files(config.calib_images)[: config.samples_for(config.calib)]
+        files = photo_paths(config.calib_images)[: config.samples_for(config.calib)]
         pixels = np.concatenate([session.pixels(f)[0] for f in files])
         feeds["vision"] = [{"pixel_values": b} for b in batches(pixels, config.calib_batch)]
         features = session.encode(files)
