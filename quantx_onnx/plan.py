@@ -223,12 +223,7 @@ def plan_from_candidates(
         chosen = allocate_with_time(candidates, budget, time_budget)
     else:
         chosen = allocate(candidates, budget)
-    plan = Plan(
-        {k: c.recipe for k, c in chosen.items()},
-        budget,
-        sum(c.bytes for c in chosen.values()),
-        float(sum(c.cost for c in chosen.values())),
-    )
+    plan = Plan.of(chosen, budget)
     if fp32_ns is not None:
         plan.estimated_ns = plan_time(chosen)
         plan.fp32_ns = fp32_ns
