@@ -212,6 +212,15 @@ def _add_optimize(sub):
         help="calibrate every layer on float inputs (faster, less accurate)",
     )
     p.add_argument(
+        "--propagation",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="error propagation: fit each weight to the float layer's output on the quantized "
+        "model's inputs, this fraction of the way (0: off, default; 0.25 helps without "
+        "end-to-end tuning)",
+    )
+    p.add_argument(
         "--hessian",
         default="norm",
         help="token weighting of the calibration Hessian: norm (every token alike, default) "
@@ -271,6 +280,7 @@ def optimize_config(args):
         e2e_epochs=args.e2e_epochs,
         e2e_rounding=args.e2e_rounding,
         block_steps=args.block_steps,
+        propagation=args.propagation,
         device=args.device,
         portable=args.portable,
         components=tuple(args.component),

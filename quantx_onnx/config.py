@@ -65,6 +65,10 @@ class QuantConfig:
     e2e_epochs: int | None = None  # end-to-end tuning passes (None: E2E_EPOCHS calibrated)
     e2e_rounding: bool = False  # end-to-end tuning also moves codes by one step (learned)
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
+    # error propagation: each weight is fitted to the float layer's output on the quantized
+    # model's inputs, this fraction of the way (0: off, the default: with end-to-end tuning it
+    # measured no better, docs/ACCURACY.md; calibration/stats.py)
+    propagation: float = 0.0
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
     portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
@@ -190,6 +194,13 @@ class QuantConfig:
         if (self.speedup or self.max_ppl_increase) and (self.uniform or self.data_free):
             raise InputError(
                 "--speedup/--max-ppl-increase plan from calibration: drop --uniform/--data-free"
+            )
+        if not 0.0 <= self.propagation <= 1.0:
+            raise InputError(f"--propagation {self.propagation}: must be in [0, 1]")
+        if self.propagation and (not self.sequential or self.data_free):
+            raise InputError(
+                "--propagation fits to calibration, layer after layer: drop "
+                "--no-sequential/--data-free"
             )
         if self.block_steps < 0:
             raise InputError(f"--block-steps {self.block_steps}: must be >= 0")

@@ -503,6 +503,7 @@ def optimize(
                 threads=config.threads,
                 progress=_bar(progress, "calibrating layers"),
                 refine=_refiner(ir_model, config),
+                propagation=config.propagation,
             )
         except ValueError as e:
             raise InputError(f"{source.model_path}: {e}") from e

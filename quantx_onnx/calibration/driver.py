@@ -63,10 +63,16 @@ def calibrate_and_quantize(
     threads: int | None = None,
     progress=None,
     refine: Callable | None = None,
+    propagation: float = 0.0,
 ) -> CalibrationResult:
     """``refine(stage, matches, weights, live, targets) -> (weights, report)``, when given,
     tunes each stage's freshly quantized weights against the float model's stage outputs
-    (:mod:`.blockwise`); the float model then runs beside the quantized one."""
+    (:mod:`.blockwise`); the float model then runs beside the quantized one.
+
+    ``propagation`` > 0 (sequential only) also runs the float model beside the quantized one
+    and quantizes, instead of W, the weight that maps the quantized model's inputs closest to
+    the float layer's outputs (:meth:`InputStats.propagated`, this fraction of the way), so
+    each layer also makes up for the error the layers before it left in its input."""
     start = time.perf_counter()
     runner = StageRunner(model, lambda: session_options(threads=threads))
     stage_index = stage_of_node(runner.stages)
@@ -76,7 +82,8 @@ def calibrate_and_quantize(
     last_stage = {k: max(stage_index.get(id(m.node), 0) for m in ms) for k, ms in by_key.items()}
 
     live = [dict(f) for f in feeds]
-    float_live = [dict(f) for f in feeds] if refine is not None and sequential else None
+    beside = sequential and (refine is not None or propagation > 0)
+    float_live = [dict(f) for f in feeds] if beside else None
     tokens = int(sum(f["input_ids"].size for f in feeds if "input_ids" in f))
     weights, info, refined = {}, {}, []
     stages = progress(runner.stages) if progress else runner.stages
@@ -92,36 +99,55 @@ def calibrate_and_quantize(
             i: InputStats(int(v.shape[-1]) if v.shape else 0, hessian_mode) for i, v in acts.items()
         }
         names = {v.name: i for i, v in acts.items()}
+        targets = float_acts = None
+        if float_live is not None:
+            targets, float_acts = _float_pass(
+                runner, stage, float_live, by_key, keys, list(acts.values()) if propagation else []
+            )
 
-        def collect(_, captured, names=names, stats=stats, acts=acts):
+        def collect(i, captured, names=names, stats=stats, float_acts=float_acts):
             for name, x in captured.items():
                 st = stats[names[name]]
                 if st.K == 0:  # unknown width until the first batch arrives
                     st.__init__(x.shape[-1], hessian_mode)
-                st.update(x)
+                st.update(x, float_acts[i].pop(name, None) if float_acts else None)
 
-        runner.run_stage(
-            stage, live, list(acts.values()), on_batch=collect, keep_outputs=not sequential
-        )
+        # With propagation, each matmul's input is computed with this layer's earlier weights
+        # already quantized (q/k/v before o_proj, gate/up before down_proj): its correction
+        # must not make up again for an error those weights' corrections took care of.
+        groups = _reader_groups(stage, keys, by_key) if propagation and sequential else [keys]
         overrides = {}
-        for k in keys:
-            weight = by_key[k][0].weight
-            stat = next(
-                (stats[id(a)] for m in by_key[k] if (a := _activation(m)) is not None), None
+        for group in groups:
+            group_acts = {id(a): a for k in group for m in by_key[k] if (a := _activation(m))}
+            runner.run_stage(
+                stage,
+                live,
+                list(group_acts.values()),
+                overrides=overrides,
+                on_batch=collect,
+                keep_outputs=not sequential,
             )
-            names = [m.name for m in by_key[k]]
-            q, entry = quantize(k, weight_array(weight, k), stat, names)
-            weights[k], info[k] = q, entry
-        if float_live is not None:
-            targets = _float_targets(runner, stage, float_live, by_key, keys)
+            for k in group:
+                weight = by_key[k][0].weight
+                stat = next(
+                    (stats[id(a)] for m in by_key[k] if (a := _activation(m)) is not None), None
+                )
+                reader_names = [m.name for m in by_key[k]]
+                w = weight_array(weight, k)
+                if propagation and stat is not None and _one_input(by_key[k]):
+                    w = stat.propagated(w, propagation)
+                q, entry = quantize(k, w, stat, reader_names)
+                weights[k], info[k] = q, entry
+                if sequential:
+                    overrides[weight.name] = _override(weight, k, q)
+        if refine is not None and float_live is not None:
             tuned, report = refine(
                 stage, {k: by_key[k] for k in keys}, {k: weights[k] for k in keys}, live, targets
             )
             weights.update(tuned)
             if report is not None:
                 refined.append(report)
-        if sequential:
-            for k in keys:
+            for k in tuned:
                 weight = by_key[k][0].weight
                 overrides[weight.name] = _override(weight, k, weights[k])
         if sequential and stage.outputs:
@@ -132,19 +158,48 @@ def calibrate_and_quantize(
     return CalibrationResult(weights, info, tokens, time.perf_counter() - start, refined)
 
 
-def _float_targets(runner, stage, float_live, by_key, keys) -> list[dict[str, np.ndarray]]:
-    """Advance the float model through ``stage`` and return, per batch, the float values the
-    stage's block reconstruction fits: its outputs, or for the last stage the inputs of its
-    output projection."""
+def _reader_groups(stage, keys, by_key) -> list[list[WeightKey]]:
+    """``keys`` grouped by the input their matmuls read, in the order the stage reads them."""
+    position = {id(n): i for i, n in enumerate(stage.nodes)}
+    groups: dict[int, list[WeightKey]] = {}
+    first: dict[int, int] = {}
+    for k in keys:
+        acts = [id(a) for m in by_key[k] if (a := _activation(m)) is not None]
+        group = acts[0] if acts else id(k)
+        groups.setdefault(group, []).append(k)
+        at = min(position.get(id(m.node), len(position)) for m in by_key[k])
+        first[group] = min(first.get(group, at), at)
+    return [groups[g] for g in sorted(groups, key=first.get)]
+
+
+def _one_input(matches: list[LinearMatch]) -> bool:
+    """Error propagation changes W for one input: not for a table a Gather also reads (a tied
+    lm_head), nor for a weight two matmuls with different inputs share."""
+    acts = {id(a) for m in matches if (a := _activation(m)) is not None}
+    return len(acts) == 1 and all(m.rule != "gather" for m in matches)
+
+
+def _float_pass(runner, stage, float_live, by_key, keys, captures):
+    """Advance the float model through ``stage``. Returns per batch the float values block
+    reconstruction fits (the stage's outputs, or for the last stage the inputs of its output
+    projection) and the float values of ``captures``."""
     from .blockwise import _float_outputs
 
     wanted = _float_outputs(stage, list(runner.model.graph.outputs), {k: by_key[k] for k in keys})
     targets: list[dict[str, np.ndarray]] = [{} for _ in float_live]
-    if not wanted and not stage.outputs:  # nothing to fit, nothing to hand on
-        return targets
+    captured: list[dict[str, np.ndarray]] = [{} for _ in float_live]
+    if not wanted and not captures and not stage.outputs:  # nothing to fit or hand on
+        return targets, captured
+    target_names = {v.name for v in wanted}
+    capture_names = {v.name for v in captures}
 
-    def collect(i, captured):
-        targets[i].update(captured)
+    def collect(i, values):
+        for name, x in values.items():
+            if name in target_names:
+                targets[i][name] = x
+            if name in capture_names:
+                captured[i][name] = x
 
-    runner.run_stage(stage, float_live, wanted, on_batch=collect, keep_outputs=True)
-    return targets
+    everything = list({id(v): v for v in [*wanted, *captures]}.values())
+    runner.run_stage(stage, float_live, everything, on_batch=collect, keep_outputs=True)
+    return targets, captured

@@ -109,12 +109,15 @@ def stage_model(
     captures: list[ir.Value],
     input_dtypes: dict[str, np.dtype],
     overrides: dict[str, np.ndarray] | None = None,
+    with_outputs: bool = True,
 ) -> bytes:
-    """A standalone model of `stage`: its inputs (typed as the arrays that will feed them), its
-    nodes, constants it reads (with `overrides` replacing initializer values by name), and
-    outputs = stage outputs + captures (types left to ORT's inference)."""
+    """A standalone model of `stage`: its inputs (typed as the arrays that will feed them), the
+    nodes its outputs need, constants it reads (with `overrides` replacing initializer values
+    by name), and outputs = stage outputs (unless not `with_outputs`) + captures (types left
+    to ORT's inference)."""
     overrides = overrides or {}
-    wanted = [*stage.outputs, *(c for c in captures if id(c) in stage.produced)]
+    produced = [c for c in captures if id(c) in stage.produced]
+    wanted = [*stage.outputs, *produced] if with_outputs else produced
     nodes, inits, const_nodes = [], {}, {}
     for n in _needed(stage, wanted):
         for v in n.inputs:
@@ -168,8 +171,10 @@ class StageRunner:
                 last_use[id(v)] = st.index
         self._last_use = last_use
 
-    def session(self, stage: Stage, captures: list[ir.Value], input_dtypes, overrides=None):
-        data = stage_model(self.model, stage, captures, input_dtypes, overrides)
+    def session(
+        self, stage: Stage, captures: list[ir.Value], input_dtypes, overrides=None, outputs=True
+    ):
+        data = stage_model(self.model, stage, captures, input_dtypes, overrides, outputs)
         return ort.InferenceSession(data, self._so(), providers=["CPUExecutionProvider"])
 
     def run_stage(
@@ -184,12 +189,16 @@ class StageRunner:
         """Run every batch through `stage`: `on_batch(i, captured)` sees the captured values;
         with `keep_outputs` the stage outputs join each batch's live values."""
         dtypes = {v.name: live[0][v.name].dtype for v in stage.inputs} if live else {}
-        sess = self.session(stage, captures, dtypes, overrides)
-        names = [o.name for o in sess.get_outputs()]
-        in_names = [i.name for i in sess.get_inputs()]
+        produced = stage.produced
+        if not keep_outputs and not any(id(c) in produced for c in captures):
+            sess = None  # only stage inputs are asked for: nothing to run
+        else:
+            sess = self.session(stage, captures, dtypes, overrides, keep_outputs)
+        names = [o.name for o in sess.get_outputs()] if sess else []
+        in_names = [i.name for i in sess.get_inputs()] if sess else []
         for i, values in enumerate(live):
             feeds = {n: values[n] for n in in_names}
-            outs = dict(zip(names, sess.run(None, feeds)))
+            outs = dict(zip(names, sess.run(None, feeds))) if sess else {}
             if on_batch:
                 on_batch(
                     i,
