@@ -42,6 +42,11 @@ def _activation(m: LinearMatch) -> ir.Value | None:
     return None if m.rule == "gather" else m.node.inputs[0]
 
 
+def _inputs(matches: list[LinearMatch]) -> list[ir.Value]:
+    """The distinct activations a weight's readers multiply it with (none for a Gather)."""
+    return list({id(a): a for m in matches if (a := _activation(m)) is not None}.values())
+
+
 def _override(weight: ir.Value, key: WeightKey, q: QuantizedWeight) -> np.ndarray:
     """The dequantized weight in the initializer's own orientation, scale and dtype."""
     w = dequantize(q)
@@ -89,12 +94,7 @@ def calibrate_and_quantize(
     stages = progress(runner.stages) if progress else runner.stages
     for stage in stages:
         keys = [k for k, s in last_stage.items() if s == stage.index]
-        acts: dict[int, ir.Value] = {}
-        for k in keys:
-            for m in by_key[k]:
-                a = _activation(m)
-                if a is not None:
-                    acts[id(a)] = a
+        acts = {id(a): a for k in keys for a in _inputs(by_key[k])}
         stats = {
             i: InputStats(int(v.shape[-1]) if v.shape else 0, hessian_mode) for i, v in acts.items()
         }
@@ -118,7 +118,7 @@ def calibrate_and_quantize(
         groups = _reader_groups(stage, keys, by_key) if propagation and sequential else [keys]
         overrides = {}
         for group in groups:
-            group_acts = {id(a): a for k in group for m in by_key[k] if (a := _activation(m))}
+            group_acts = {id(a): a for k in group for a in _inputs(by_key[k])}
             runner.run_stage(
                 stage,
                 live,
@@ -129,9 +129,7 @@ def calibrate_and_quantize(
             )
             for k in group:
                 weight = by_key[k][0].weight
-                stat = next(
-                    (stats[id(a)] for m in by_key[k] if (a := _activation(m)) is not None), None
-                )
+                stat = next((stats[id(a)] for a in _inputs(by_key[k])), None)
                 reader_names = [m.name for m in by_key[k]]
                 w = weight_array(weight, k)
                 if propagation and stat is not None and _one_input(by_key[k]):
@@ -164,8 +162,8 @@ def _reader_groups(stage, keys, by_key) -> list[list[WeightKey]]:
     groups: dict[int, list[WeightKey]] = {}
     first: dict[int, int] = {}
     for k in keys:
-        acts = [id(a) for m in by_key[k] if (a := _activation(m)) is not None]
-        group = acts[0] if acts else id(k)
+        acts = _inputs(by_key[k])
+        group = id(acts[0]) if acts else id(k)
         groups.setdefault(group, []).append(k)
         at = min(position.get(id(m.node), len(position)) for m in by_key[k])
         first[group] = min(first.get(group, at), at)
@@ -175,8 +173,7 @@ def _reader_groups(stage, keys, by_key) -> list[list[WeightKey]]:
 def _one_input(matches: list[LinearMatch]) -> bool:
     """Error propagation changes W for one input: not for a table a Gather also reads (a tied
     lm_head), nor for a weight two matmuls with different inputs share."""
-    acts = {id(a) for m in matches if (a := _activation(m)) is not None}
-    return len(acts) == 1 and all(m.rule != "gather" for m in matches)
+    return len(_inputs(matches)) == 1 and all(m.rule != "gather" for m in matches)
 
 
 def _float_pass(runner, stage, float_live, by_key, keys, captures):

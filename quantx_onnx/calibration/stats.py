@@ -49,10 +49,11 @@ class InputStats:
         if not len(x):
             return
         w = self.token_weights(x)
-        xw = x * np.sqrt(w)[:, None]
+        root_w = np.sqrt(w)[:, None]
+        xw = x * root_w
         self.H += xw.T.astype(np.float64) @ xw.astype(np.float64)
         if x_ref is not None:
-            d = (np.asarray(x_ref, np.float32).reshape(-1, self.K) - x) * np.sqrt(w)[:, None]
+            d = (np.asarray(x_ref, np.float32).reshape(-1, self.K) - x) * root_w
             if self.drift is None:
                 self.drift = np.zeros((self.K, self.K), np.float64)
             self.drift += xw.T @ d  # float32 products (half the time of H's float64 ones)
