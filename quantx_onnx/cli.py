@@ -410,9 +410,14 @@ def _optimize_summary(report) -> str:
         if t and "skipped" in t:
             lines.append(f"  end-to-end tuning skipped: {t['skipped']}")
         elif t:
+            what, unit = (
+                ("KL to the float model", " nats/token")
+                if t.get("loss", "kl") == "kl"
+                else ("output error against the float model", "")
+            )
             lines.append(
-                f"  end-to-end tuning: {t['steps']} steps on {t['device']}, KL to the float model "
-                f"{t['kl_first']:.4f} -> {t['kl_last']:.4f} nats/token, {t['seconds']:.1f} s"
+                f"  end-to-end tuning: {t['steps']} steps on {t['device']}, {what} "
+                f"{t['kl_first']:.4f} -> {t['kl_last']:.4f}{unit}, {t['seconds']:.1f} s"
             )
         errs = [w["output_error"] for w in report.weights if "output_error" in w]
         lines.append("  per weight: recipe, bits/weight, relative output error")

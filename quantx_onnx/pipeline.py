@@ -366,9 +366,10 @@ def _tune(ir_model, cache, matches, feeds, config, progress) -> dict:
             feeds,
             epochs=config.e2e_epochs,
             rounding=config.e2e_rounding,
-            input_channels=_tunes_input_channels(
-                [(q.fmt.K, q.fmt.N) for q in cache.values()], config
-            ),
+            # encoders: no input-channel multipliers (on MiniLM they cost 0.03 bits per weight
+            # and fitted worse than the column multipliers alone, docs/ACCURACY.md)
+            input_channels=not is_encoder(ir_model)
+            and _tunes_input_channels([(q.fmt.K, q.fmt.N) for q in cache.values()], config),
             device=config.device,
             seed=config.seed,
             progress=_bar(progress, "end-to-end tuning"),

@@ -318,3 +318,38 @@ def test_eval_encoder_prints_the_pearson_of_each_model(vision, vision_default, t
     assert main(["eval", "encoder", str(vision), str(out), "--photos", str(tmp_path)]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["photos"] == 2 and 0.5 < row["pearson"] < 1.0
+
+
+# --- end-to-end tuning against the float model's outputs -----------------------------------
+def test_end_to_end_tuning_of_an_encoder_lowers_held_out_output_error(vision, tmp_path):
+    """An encoder has no logits: the tuning fits its outputs (relative squared error). The
+    error must fall on images it never saw, and the file still means its numpy reference."""
+    held_out = [{"image": synthetic_images(4, SIZE, seed=s)} for s in (7, 8)]
+    errs, reps = {}, {}
+    for epochs in (0, 8):
+        out = tmp_path / f"{epochs}.onnx"
+        cfg = QuantConfig(bits=2, accuracy_level=0, calib_samples=16, e2e_epochs=epochs)
+        reps[epochs] = optimize(vision, out, cfg)
+        errs[epochs] = _rel_err(vision, out, held_out)
+    tuning = reps[8].tuning
+    assert reps[0].tuning is None
+    assert tuning["loss"] == "output error" and tuning["steps"] == 8 * 4, tuning
+    assert tuning["input_channels"] == 0 and tuning["columns"] > 0, tuning  # no size change
+    assert tuning["kl_last"] < tuning["kl_first"], tuning
+    assert errs[8] < errs[0], errs
+    assert_means_its_reference(tmp_path / "8.onnx", held_out[0])
+
+
+def test_encoder_output_error_leaves_padding_out():
+    torch = pytest.importorskip("torch")
+    from quantx_onnx.calibration.e2e import _OutputError
+
+    ref = torch.ones(2, 3, 4)
+    out = ref.clone()
+    out[1, 2] = 5.0  # a padding position: any value
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss = _OutputError(torch, ["h"])
+    assert float(loss({"h": out}, [ref], {"attention_mask": mask})) == 0.0
+    out[0, 0] = 3.0  # a real token: (3 - 1)^2 * 4 over the 5 kept positions' 20 squares
+    assert float(loss({"h": out}, [ref], {"attention_mask": mask})) == pytest.approx(16 / 20)
+    assert float(loss({"h": out}, [ref], {})) == pytest.approx((16 + 16 * 4) / 24)

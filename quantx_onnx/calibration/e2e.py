@@ -14,12 +14,14 @@ weight ``W_hat[K, N]`` the rank-one correction ``diag(r) W_hat diag(c)``:
   ``input_channels`` is on;
 
 and the 1-D float parameters the graph keeps (RMSNorm/LayerNorm weights, biases), written back
-into their initializers. With ``rounding`` the codes of
-uniform grids are tuned too: each code may move by one step, decided by sign gradient descent
-on an offset ``v`` in [-1, 1] per weight (the code becomes ``clamp(q + round(v))``, gradients
-passed straight through the rounding, as AutoRound does per block; here against the model's
-output). Zero points stay as quantized, so the format and (but for ``input_scale``) the size
-do not change.
+into their initializers. A decoder (a ``logits`` output) is fitted on the KL of its next-token
+distributions; an encoder (no ``logits``: MiniLM's hidden states, a ViT's output maps) on the
+relative squared error of its float outputs, padding positions left out. With ``rounding`` the
+codes of uniform grids are tuned too: each code may move by one step, decided by sign gradient
+descent on an offset ``v`` in [-1, 1] per weight (the code becomes ``clamp(q + round(v))``,
+gradients passed straight through the rounding, as AutoRound does per block; here against the
+model's output). Zero points stay as quantized, so the format and (but for ``input_scale``) the
+size do not change.
 
 Cost: the multipliers act on each node's input and output (``y = ((x * r) @ W_hat) * c``), so
 the backward pass needs no weight gradients; the float model's log-probabilities are computed
@@ -48,8 +50,10 @@ TEACHER_CACHE_BYTES = 3e9  # float-model log-probs kept in memory (fp16) up to t
 @dataclasses.dataclass
 class EndToEndReport:
     steps: int
-    kl_first: float  # mean KL per token over the first pass (one pass: its first half)
-    kl_last: float  # ... and over the last pass (its second half)
+    # mean loss over the first pass (one pass: its first half) and the last (its second half):
+    # KL per token (nats) for a decoder, relative squared output error for an encoder
+    kl_first: float
+    kl_last: float
     float_parameters: int  # 1-D float parameters tuned
     columns: int  # column multipliers tuned
     input_channels: int  # input-channel multipliers tuned
@@ -57,6 +61,7 @@ class EndToEndReport:
     codes_tuned: int
     seconds: float
     device: str
+    loss: str = "kl"  # "kl" (decoder logits) or "output error" (encoder outputs)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,11 +97,40 @@ def tunable_floats(model: ir.Model, quantized: set[str]) -> list[ir.Value]:
     return out
 
 
-def _logits_value(model: ir.Model) -> ir.Value:
+def _fitted_outputs(model: ir.Model) -> tuple[list[ir.Value], bool]:
+    """The outputs the tuning matches and whether they are a decoder's logits (KL) rather
+    than an encoder's float outputs (squared error)."""
     outs = {v.name: v for v in model.graph.outputs}
     if "logits" in outs:
-        return outs["logits"]
-    raise ValueError("end-to-end tuning needs a model with a 'logits' output")
+        return [outs["logits"]], True
+    floats = [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
+    if not floats:
+        raise ValueError("end-to-end tuning needs a 'logits' output or a float output")
+    return floats, False
+
+
+class _OutputError:
+    """Relative squared error of an encoder's outputs against the float model's, over the
+    positions the attention mask keeps (all positions without one)."""
+
+    def __init__(self, torch, names: list[str]):
+        self.torch, self.names = torch, names
+
+    def target(self, outs) -> list:
+        return [outs[n].float().detach() for n in self.names]
+
+    def __call__(self, outs, target, feed) -> object:
+        torch = self.torch
+        loss = 0.0
+        for name, ref in zip(self.names, target):
+            diff = (outs[name].float() - ref) ** 2
+            mask = feed.get("attention_mask")
+            if mask is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(mask.shape):
+                keep = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - 2)))
+                loss = loss + (diff * keep).sum() / torch.clamp((ref**2 * keep).sum(), min=1e-12)
+            else:
+                loss = loss + diff.sum() / torch.clamp((ref**2).sum(), min=1e-12)
+        return loss
 
 
 class _Rounding:
@@ -191,8 +225,10 @@ def tune_end_to_end(
     import torch
 
     start = time.perf_counter()
-    logits = _logits_value(model)
-    graph = TorchStage(backward_slice([logits]), list(model.graph.inputs), [logits], device)
+    fitted, is_decoder = _fitted_outputs(model)
+    graph = TorchStage(backward_slice(fitted), list(model.graph.inputs), fitted, device)
+    logits = fitted[0]
+    encoder_loss = None if is_decoder else _OutputError(torch, [v.name for v in fitted])
     dev = graph.device
     inits = model.graph.initializers
 
@@ -233,13 +269,19 @@ def tune_end_to_end(
 
     def teacher(f):
         with torch.no_grad():
-            return torch.log_softmax(graph(tensors(f))[logits.name].float(), dim=-1)
+            outs = graph(tensors(f))
+            if encoder_loss is not None:
+                return encoder_loss.target(outs)
+            return torch.log_softmax(outs[logits.name].float(), dim=-1)
 
-    # the float model's log-probs, once per batch when they fit in memory
+    # the float model's log-probs, once per batch when they fit in memory (an encoder's
+    # outputs are small: always kept)
     vocab = int(logits.shape[-1]) if logits.shape and isinstance(logits.shape[-1], int) else 0
     tokens_total = sum(int(np.asarray(f["input_ids"]).size) for f in feeds if "input_ids" in f)
     cache = None
-    if vocab and 2 * vocab * tokens_total <= TEACHER_CACHE_BYTES:
+    if encoder_loss is not None:
+        cache = [teacher(f) for f in feeds]
+    elif vocab and 2 * vocab * tokens_total <= TEACHER_CACHE_BYTES:
         cache = [teacher(f).half() for f in feeds]
 
     steps = max(1, epochs) * len(feeds)
@@ -249,12 +291,17 @@ def tune_end_to_end(
     subs = {**frozen, **float_params}
     for step in progress(range(steps)) if progress else range(steps):
         f = feeds[order[step]]
-        target = cache[order[step]].float() if cache is not None else teacher(f)
         if rounders:
             subs.update({name: r.weight() for name, r in rounders.items()})
-        out = torch.log_softmax(graph(tensors(f), subs, wrap=wrap)[logits.name].float(), dim=-1)
-        tokens = out.numel() // out.shape[-1]
-        loss = (target.exp() * (target - out)).sum() / tokens
+        feed = tensors(f)
+        outs = graph(feed, subs, wrap=wrap)
+        if encoder_loss is not None:
+            loss = encoder_loss(outs, cache[order[step]], feed)
+        else:
+            target = cache[order[step]].float() if cache is not None else teacher(f)
+            out = torch.log_softmax(outs[logits.name].float(), dim=-1)
+            tokens = out.numel() // out.shape[-1]
+            loss = (target.exp() * (target - out)).sum() / tokens
         tuning_step(torch, loss, opt, multipliers, list(rounders.values()), lr, step, steps)
         kls.append(loss.item())
 
@@ -285,5 +332,6 @@ def tune_end_to_end(
         codes_tuned=int(sum(r.codes.numel() for r in rounders.values())),
         seconds=time.perf_counter() - start,
         device=str(dev),
+        loss="kl" if encoder_loss is None else "output error",
     )
     return tuned, new_floats, report

@@ -409,6 +409,7 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "Cos"): _unary("cos"),
     ("", "Sin"): _unary("sin"),
     ("", "Abs"): _unary("abs"),
+    ("", "Relu"): _unary("relu"),
     ("", "IsNaN"): _unary("isnan"),
     ("", "Erf"): _erf,
     ("", "MatMul"): _matmul,
