@@ -322,11 +322,14 @@ def _input_scale_bytes(shapes: list[tuple[int, int]]) -> int:
     return sum(2 * k for k, _ in shapes)  # fp16, K per matrix W[K, N]
 
 
-def _tunes_input_channels(shapes: list[tuple[int, int]], config: QuantConfig) -> bool:
+def _tunes_input_channels(
+    shapes: list[tuple[int, int]], config: QuantConfig, encoder: bool = False
+) -> bool:
     """End-to-end tuning fits an input-channel multiplier per matrix where the K fp16 values
     it stores cost under INPUT_SCALE_MAX_BPW bits per weight on average (0.02 on SmolLM2; on a
-    tiny model they would eat the budget)."""
-    if not config.e2e_epochs:
+    tiny model they would eat the budget). Never for encoders: on MiniLM they cost 0.03 bits
+    per weight and fitted worse than the column multipliers alone (docs/ACCURACY.md)."""
+    if not config.e2e_epochs or encoder:
         return False
     total = sum(k * n for k, n in shapes)
     return 8 * _input_scale_bytes(shapes) <= INPUT_SCALE_MAX_BPW * total
@@ -366,10 +369,9 @@ def _tune(ir_model, cache, matches, feeds, config, progress) -> dict:
             feeds,
             epochs=config.e2e_epochs,
             rounding=config.e2e_rounding,
-            # encoders: no input-channel multipliers (on MiniLM they cost 0.03 bits per weight
-            # and fitted worse than the column multipliers alone, docs/ACCURACY.md)
-            input_channels=not is_encoder(ir_model)
-            and _tunes_input_channels([(q.fmt.K, q.fmt.N) for q in cache.values()], config),
+            input_channels=_tunes_input_channels(
+                [(q.fmt.K, q.fmt.N) for q in cache.values()], config, is_encoder(ir_model)
+            ),
             device=config.device,
             seed=config.seed,
             progress=_bar(progress, "end-to-end tuning"),

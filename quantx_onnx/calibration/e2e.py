@@ -97,40 +97,78 @@ def tunable_floats(model: ir.Model, quantized: set[str]) -> list[ir.Value]:
     return out
 
 
-def _fitted_outputs(model: ir.Model) -> tuple[list[ir.Value], bool]:
-    """The outputs the tuning matches and whether they are a decoder's logits (KL) rather
-    than an encoder's float outputs (squared error)."""
-    outs = {v.name: v for v in model.graph.outputs}
-    if "logits" in outs:
-        return [outs["logits"]], True
-    floats = [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
-    if not floats:
-        raise ValueError("end-to-end tuning needs a 'logits' output or a float output")
-    return floats, False
+class _NextTokenKL:
+    """A decoder's loss: KL(float || quantized) of the next-token distributions, per token.
+    The float model's log-probs are kept in fp16 while they fit in TEACHER_CACHE_BYTES."""
+
+    kind = "kl"
+
+    def __init__(self, torch, logits: ir.Value):
+        self.torch, self.names = torch, [logits.name]
+        self.vocab = (
+            int(logits.shape[-1]) if logits.shape and isinstance(logits.shape[-1], int) else 0
+        )
+
+    def fits_in_memory(self, feeds) -> bool:
+        tokens = sum(int(np.asarray(f["input_ids"]).size) for f in feeds if "input_ids" in f)
+        return bool(self.vocab) and 2 * self.vocab * tokens <= TEACHER_CACHE_BYTES
+
+    def target(self, outs):
+        return self.torch.log_softmax(outs[self.names[0]].float(), dim=-1)
+
+    def compact(self, target):
+        return target.half()
+
+    def __call__(self, outs, target, feed):
+        target = target.float()
+        out = self.torch.log_softmax(outs[self.names[0]].float(), dim=-1)
+        tokens = out.numel() // out.shape[-1]
+        return (target.exp() * (target - out)).sum() / tokens
 
 
 class _OutputError:
-    """Relative squared error of an encoder's outputs against the float model's, over the
-    positions the attention mask keeps (all positions without one)."""
+    """An encoder's loss: relative squared error of its outputs against the float model's,
+    over the positions the attention mask keeps (all positions without one). The float
+    outputs are small: always kept."""
+
+    kind = "output error"
 
     def __init__(self, torch, names: list[str]):
         self.torch, self.names = torch, names
 
+    def fits_in_memory(self, feeds) -> bool:
+        return True
+
     def target(self, outs) -> list:
         return [outs[n].float().detach() for n in self.names]
 
-    def __call__(self, outs, target, feed) -> object:
+    def compact(self, target):
+        return target
+
+    def __call__(self, outs, target, feed):
         torch = self.torch
+        mask = feed.get("attention_mask")
         loss = 0.0
         for name, ref in zip(self.names, target):
             diff = (outs[name].float() - ref) ** 2
-            mask = feed.get("attention_mask")
             if mask is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(mask.shape):
                 keep = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - 2)))
                 loss = loss + (diff * keep).sum() / torch.clamp((ref**2 * keep).sum(), min=1e-12)
             else:
                 loss = loss + diff.sum() / torch.clamp((ref**2).sum(), min=1e-12)
         return loss
+
+
+def _model_loss(torch, model: ir.Model):
+    """The decoder's KL when the model has a ``logits`` output, else the encoder's error
+    over its float outputs."""
+    outs = {v.name: v for v in model.graph.outputs}
+    if "logits" in outs:
+        return _NextTokenKL(torch, outs["logits"])
+    floats = [v.name for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
+    if not floats:
+        raise ValueError("end-to-end tuning needs a 'logits' output or a float output")
+    return _OutputError(torch, floats)
 
 
 class _Rounding:
@@ -225,10 +263,9 @@ def tune_end_to_end(
     import torch
 
     start = time.perf_counter()
-    fitted, is_decoder = _fitted_outputs(model)
+    model_loss = _model_loss(torch, model)
+    fitted = [v for v in model.graph.outputs if v.name in model_loss.names]
     graph = TorchStage(backward_slice(fitted), list(model.graph.inputs), fitted, device)
-    logits = fitted[0]
-    encoder_loss = None if is_decoder else _OutputError(torch, [v.name for v in fitted])
     dev = graph.device
     inits = model.graph.initializers
 
@@ -269,20 +306,12 @@ def tune_end_to_end(
 
     def teacher(f):
         with torch.no_grad():
-            outs = graph(tensors(f))
-            if encoder_loss is not None:
-                return encoder_loss.target(outs)
-            return torch.log_softmax(outs[logits.name].float(), dim=-1)
+            return model_loss.target(graph(tensors(f)))
 
-    # the float model's log-probs, once per batch when they fit in memory (an encoder's
-    # outputs are small: always kept)
-    vocab = int(logits.shape[-1]) if logits.shape and isinstance(logits.shape[-1], int) else 0
-    tokens_total = sum(int(np.asarray(f["input_ids"]).size) for f in feeds if "input_ids" in f)
+    # the float model's outputs, once per batch when they fit in memory
     cache = None
-    if encoder_loss is not None:
-        cache = [teacher(f) for f in feeds]
-    elif vocab and 2 * vocab * tokens_total <= TEACHER_CACHE_BYTES:
-        cache = [teacher(f).half() for f in feeds]
+    if model_loss.fits_in_memory(feeds):
+        cache = [model_loss.compact(teacher(f)) for f in feeds]
 
     steps = max(1, epochs) * len(feeds)
     rng = np.random.default_rng(seed)
@@ -293,15 +322,9 @@ def tune_end_to_end(
         f = feeds[order[step]]
         if rounders:
             subs.update({name: r.weight() for name, r in rounders.items()})
+        target = cache[order[step]] if cache is not None else teacher(f)
         feed = tensors(f)
-        outs = graph(feed, subs, wrap=wrap)
-        if encoder_loss is not None:
-            loss = encoder_loss(outs, cache[order[step]], feed)
-        else:
-            target = cache[order[step]].float() if cache is not None else teacher(f)
-            out = torch.log_softmax(outs[logits.name].float(), dim=-1)
-            tokens = out.numel() // out.shape[-1]
-            loss = (target.exp() * (target - out)).sum() / tokens
+        loss = model_loss(graph(feed, subs, wrap=wrap), target, feed)
         tuning_step(torch, loss, opt, multipliers, list(rounders.values()), lr, step, steps)
         kls.append(loss.item())
 
@@ -332,6 +355,6 @@ def tune_end_to_end(
         codes_tuned=int(sum(r.codes.numel() for r in rounders.values())),
         seconds=time.perf_counter() - start,
         device=str(dev),
-        loss="kl" if encoder_loss is None else "output error",
+        loss=model_loss.kind,
     )
     return tuned, new_floats, report
