@@ -16,6 +16,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from .errors import InputError, Interrupted, OutputError
@@ -112,6 +113,16 @@ def load_model(source: ModelSource) -> ir.Model:
         raise InputError(
             f"{source.model_path}: not a readable ONNX model ({type(e).__name__}: {e})"
         ) from e
+
+
+def tensor_in_memory(name: str, value: ir.TensorProtocol) -> onnx.TensorProto:
+    """``value`` as a TensorProto that holds its bytes: a model built from such protos can be
+    handed to ONNX Runtime as bytes (an external-data reference would point nowhere then)."""
+    if isinstance(value, ir.ExternalTensor):
+        return onnx.numpy_helper.from_array(value.numpy(), name)
+    tensor = ir.serde.serialize_tensor(value)
+    tensor.name = name
+    return tensor
 
 
 def same_file(a: Path, b: Path) -> bool:

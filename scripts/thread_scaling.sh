@@ -34,7 +34,7 @@ stage() {
   local gguf
   gguf=$(ls "$cache"/*.Q4_0.gguf | head -1)
   local headers
-  headers=$(ls -d "$ROOT"/build*/ort-headers 2>/dev/null | head -1 || true)
+  headers=$(ls -d "$ROOT"/build*/ort-headers "$ROOT"/build/*/ort-headers 2>/dev/null | head -1 || true)
   [[ -d $src && -f $gguf && -f $model/model.onnx ]] || {
     echo "run 'python -m quantx_onnx bench llamacpp' here first (builds llama.cpp, makes the Q4_0)"
     exit 1

@@ -4,8 +4,10 @@ error against round-to-nearest."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -180,6 +182,38 @@ def test_calibration_feeds_through_the_python_api(tiny_llama, tmp_path):
     feeds = [llm_feeds(sess, seq=16, batch=2, seed=s) for s in range(3)]
     rep = optimize(tiny_llama, tmp_path / "q", QuantConfig(bits=4), calib_feeds=feeds)
     assert rep.calibration["batches"] == 3 and rep.calibration["tokens"] == 3 * 2 * 16
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))  # external data loaded too
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_a_model_with_external_data_calibrates_as_the_same_model_inline(tiny_llama, tmp_path):
+    """Calibration builds its ORT sessions from bytes: weights kept in an external data file
+    (every model over 2 GB) must reach them as values, giving the same quantized file."""
+    external = tmp_path / "external"
+    shutil.copytree(tiny_llama, external)
+    model = onnx.load(str(external / "model.onnx"))
+    onnx.save(
+        model, str(external / "model.onnx"), save_as_external_data=True,
+        location="model.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    assert (
+        onnx.load(str(external / "model.onnx"), load_external_data=False)
+        .graph.initializer[0]
+        .data_location
+        == onnx.TensorProto.EXTERNAL
+    )
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).integers(0, 320, (4, 32)))
+    cfg = QuantConfig(bits=3, calib=str(tmp_path / "calib.npy"), e2e_epochs=1)
+    optimize(tiny_llama, tmp_path / "inline", cfg)
+    optimize(external, tmp_path / "from_external", cfg)
+    want = _initializers(tmp_path / "inline" / "model.onnx")
+    got = _initializers(tmp_path / "from_external" / "model.onnx")
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 def test_awq_lowers_output_error_with_salient_channels(rng):

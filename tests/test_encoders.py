@@ -247,6 +247,26 @@ def test_an_encoder_bit_plan_keeps_its_budget(vision, tmp_path):
     assert json.loads((tmp_path / "r").read_text())["plan"] == rep.plan
 
 
+def test_an_encoder_with_external_data_plans_as_the_same_model_inline(vision, tmp_path):
+    """The encoder plan runs ORT on a model made from bytes: external weights must reach it."""
+    external = tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save(
+        onnx.load(str(vision)), str(external), save_as_external_data=True,
+        location="m.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    cfg = QuantConfig(accuracy_level=0, calib_samples=4, budget_bpw=3.3)
+    inline = optimize(vision, tmp_path / "a.onnx", cfg)
+    from_external = optimize(external, tmp_path / "b.onnx", cfg)
+    assert from_external.plan == inline.plan
+    want = onnx.load(str(tmp_path / "a.onnx")).graph.initializer
+    got = {t.name: t for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer}
+    for t in want:
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(got[t.name]), numpy_helper.to_array(t), err_msg=t.name
+        )
+
+
 # --- metrics -------------------------------------------------------------------------------
 def test_metrics_on_known_values(rng):
     a = rng.normal(size=1000)

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ..allocate import Candidate, allocate
 from ..format import Layout, dequantize
+from ..model_io import tensor_in_memory
 from ..passes import LinearMatch, WeightKey
 from ..passes.rule import weight_array
 from ..plan import Plan, stored_bytes
@@ -60,6 +61,12 @@ def output_sensitivity(
     import onnxruntime as ort
 
     proto = ir.serde.serialize_model(model)
+    values = model.graph.initializers
+    for i, init in enumerate(proto.graph.initializer):  # the session is made from bytes
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            proto.graph.initializer[i].CopyFrom(
+                tensor_in_memory(init.name, values[init.name].const_value)
+            )
     names = {ms[0].weight.name for ms in by_key.values()}
     for init in proto.graph.initializer:
         if init.name in names:

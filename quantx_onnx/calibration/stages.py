@@ -22,6 +22,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from ..model_io import tensor_in_memory
+
 LAYER_RE = re.compile(r"layers?\.(\d+)[./]")
 
 
@@ -128,13 +130,11 @@ def stage_model(
                 const_nodes[id(p)] = p
             elif v.name not in inits:
                 value = overrides.get(v.name)
-                tensor = (
+                inits[v.name] = (
                     onnx.numpy_helper.from_array(value, v.name)
                     if value is not None
-                    else ir.serde.serialize_tensor(v.const_value)
+                    else tensor_in_memory(v.name, v.const_value)
                 )
-                tensor.name = v.name
-                inits[v.name] = tensor
         nodes.append(n)
     protos = [ir.serde.serialize_node(p) for p in const_nodes.values()]
     protos += [ir.serde.serialize_node(n) for n in nodes]
