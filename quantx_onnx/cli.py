@@ -879,9 +879,9 @@ def _add_sweep(sub):
     p.add_argument(
         "--calib-batch",
         type=int,
-        default=4,
-        help="windows per calibration batch (2 halves the sensitivity pass's memory; it reads "
-        "4 batches)",
+        default=None,
+        help="windows per calibration batch (default: 4 of 512 tokens, fewer when longer; 2 "
+        "halves the sensitivity pass's memory; it reads 4 batches)",
     )
     p.add_argument(
         "--e2e-epochs",

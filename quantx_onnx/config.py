@@ -23,6 +23,7 @@ BUDGET_MARGIN_BITS = 0.7
 E2E_EPOCHS = 1  # default end-to-end tuning passes over the calibration batches (2: no better)
 
 
+CALIB_BATCH_TOKENS = 2048  # tokens per calibration batch by default (4 windows of 512)
 SELF_SAMPLES = 32  # self-generated windows by default (fits the 10-minute default on 2 cores)
 TEXT_SAMPLES = 64  # windows of real text by default
 
@@ -51,7 +52,7 @@ class QuantConfig:
     data_free: bool = False  # never calibrate (a decoder export otherwise generates its text)
     calib_samples: int | None = None  # None: samples_for() picks by source
     calib_seq_len: int = 512
-    calib_batch: int = 4
+    calib_batch: int | None = None  # windows per batch (None: batch_windows() picks)
     sequential: bool = True  # later layers calibrate on the quantized earlier ones
     hessian: str = "norm"  # token weighting of the Hessian: norm (1/mean x^2) or plain
     threads: int | None = None
@@ -81,6 +82,15 @@ class QuantConfig:
     speedup: float | None = None
     max_ppl_increase: float | None = None  # fraction: 0.1 = at most +10% perplexity
     plan_search: bool | None = None  # None: on when a budget or --speedup was given
+
+    def batch_windows(self) -> int:
+        """Windows per calibration batch: --calib-batch when given, else 4 windows of up to
+        CALIB_BATCH_TOKENS / 4 tokens and fewer, longer ones (the backward passes of the
+        sensitivity and end-to-end steps keep every layer's attention scores of a batch:
+        memory grows with the square of the window length)."""
+        if self.calib_batch is not None:
+            return self.calib_batch
+        return max(1, min(4, CALIB_BATCH_TOKENS // self.calib_seq_len))
 
     def samples_for(self, calib: str | None) -> int:
         """Calibration windows for the source spec ``calib``: --calib-samples when given, else
@@ -167,7 +177,7 @@ class QuantConfig:
         if (
             (self.calib_samples is not None and self.calib_samples < 1)
             or self.calib_seq_len < 2
-            or self.calib_batch < 1
+            or (self.calib_batch is not None and self.calib_batch < 1)
         ):
             raise InputError("--calib-samples >= 1, --calib-seq-len >= 2 and batch >= 1 required")
         if self.hessian not in ("norm", "plain"):

@@ -178,7 +178,7 @@ def calibration_feeds(
     )
     windows = np.stack([parts[i][row, :seq] for row, i in order])
     past = _decoder_past_shapes(model)
-    return [decoder_feeds(names, past, b) for b in batches(windows, config.calib_batch)]
+    return [decoder_feeds(names, past, b) for b in batches(windows, config.batch_windows())]
 
 
 SENSITIVITY_BATCHES = 4  # calibration batches the Fisher pass reads (8192 tokens by default)

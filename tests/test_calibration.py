@@ -466,6 +466,25 @@ def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
     assert rows(calib=str(text), calib_samples=5) == 5
 
 
+def test_long_windows_come_in_smaller_batches(tiny_with_tokenizer, tmp_path):
+    """The backward passes keep each layer's attention scores of a batch (memory grows with
+    the square of the window length): by default a batch holds 4 windows of up to 512 tokens
+    and fewer, longer ones; --calib-batch wins."""
+    from quantx_onnx import model_io
+    from quantx_onnx.pipeline import calibration_feeds
+
+    assert [QuantConfig(calib_seq_len=n).batch_windows() for n in (64, 512, 1024, 4096)] == [
+        4, 4, 2, 1,
+    ]  # fmt: skip
+    assert QuantConfig(calib_seq_len=4096, calib_batch=3).batch_windows() == 3
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and text {i}" for i in range(6000)))
+    src = model_io.resolve_input(tiny_with_tokenizer)
+    cfg = QuantConfig(calib=str(text), calib_samples=5, calib_seq_len=1024)
+    feeds = calibration_feeds(model_io.load_model(src), src, cfg)
+    assert [f["input_ids"].shape for f in feeds] == [(2, 1024), (2, 1024), (1, 1024)]
+
+
 def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     """--e2e-rounding: codes move by at most one step, some do, held-out KL does not rise, and
     the file means what its numpy reference says."""

@@ -176,7 +176,7 @@ ENCODER_SAMPLES = 32  # inputs per calibration run (64 images measured no better
 def encoder_feeds(model: ir.Model, folder: Path, spec: str, config) -> list[dict]:
     """Calibration batches of an encoder from ``spec`` (``synthetic``, photos or text)."""
     samples = config.calib_samples or ENCODER_SAMPLES
-    batch, seed = config.calib_batch, config.seed
+    batch, seed = config.batch_windows(), config.seed
     image = image_input(model)
     if image is not None:
         name, c, h, w = image

@@ -107,7 +107,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
     if config.calib_images:
         files = photo_paths(config.calib_images)[: config.samples_for(config.calib)]
         pixels = np.concatenate([session.pixels(f)[0] for f in files])
-        feeds["vision"] = [{"pixel_values": b} for b in batches(pixels, config.calib_batch)]
+        feeds["vision"] = [{"pixel_values": b} for b in batches(pixels, config.batch_windows())]
         features = session.encode(files)
         shortest = min(len(f) for f in features)  # (LLaVA-NeXT: lengths vary with the image)
         features = np.stack([f[:shortest] for f in features])
@@ -132,7 +132,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
         names = [v.name for v in decoder.graph.inputs]
         past = _decoder_past_shapes(decoder)
         text = []
-        for b in batches(embeds, config.calib_batch):
+        for b in batches(embeds, config.batch_windows()):
             f = decoder_feeds(names, past, np.zeros(b.shape[:2], np.int64))
             del f["input_ids"]
             text.append({"inputs_embeds": b, **f})
