@@ -203,9 +203,14 @@ def _add_optimize(sub):
         "--calib-samples",
         type=int,
         default=None,
-        help="calibration sequences (default: 32 self-generated, 64 of real text)",
+        help="calibration sequences (default: 64, self-generated or of real text)",
     )
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: 256 self-generated, 512 of real text)",
+    )
     p.add_argument(
         "--no-sequential",
         action="store_true",
@@ -881,7 +886,7 @@ def _add_sweep(sub):
         type=int,
         default=None,
         help="windows per calibration batch (default: 4 of 512 tokens, fewer when longer; 2 "
-        "halves the sensitivity pass's memory; it reads 4 batches)",
+        "halves the sensitivity pass's memory)",
     )
     p.add_argument(
         "--e2e-epochs",

@@ -444,10 +444,10 @@ def test_calibration_sources_mix_row_by_row(tiny_with_tokenizer, tmp_path):
 
 
 def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
-    """No --calib-samples: 64 windows of real text, 32 when the model writes its own;
-    an explicit count wins."""
+    """No --calib-samples/--calib-seq-len: 64 windows of 512 tokens of real text, 64 of 256
+    when the model writes its own (more, shorter documents); explicit values win."""
     from quantx_onnx import model_io
-    from quantx_onnx.config import SELF_SAMPLES, TEXT_SAMPLES
+    from quantx_onnx.config import SELF_SAMPLES, SELF_SEQ_LEN, TEXT_SAMPLES, TEXT_SEQ_LEN
     from quantx_onnx.pipeline import calibration_feeds
 
     text = tmp_path / "calib.txt"
@@ -459,11 +459,16 @@ def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
         feeds = calibration_feeds(model, src, QuantConfig(calib_seq_len=8, **kw))
         return sum(len(f["input_ids"]) for f in feeds)
 
-    assert (SELF_SAMPLES, TEXT_SAMPLES) == (32, 64)
+    assert (SELF_SAMPLES, SELF_SEQ_LEN, TEXT_SAMPLES, TEXT_SEQ_LEN) == (64, 256, 64, 512)
     assert rows(calib=str(text)) == TEXT_SAMPLES
     assert rows(calib=f"{text}+self") == TEXT_SAMPLES
     assert QuantConfig(calib="self").samples_for("self") == SELF_SAMPLES
     assert rows(calib=str(text), calib_samples=5) == 5
+    assert QuantConfig().seq_len_for("self") == SELF_SEQ_LEN
+    assert QuantConfig().seq_len_for(f"{text}+self") == TEXT_SEQ_LEN
+    assert QuantConfig(calib_seq_len=8).seq_len_for("self") == 8
+    short = calibration_feeds(model, src, QuantConfig(calib=str(text), calib_samples=3))
+    assert short[0]["input_ids"].shape == (3, TEXT_SEQ_LEN)
 
 
 def test_long_windows_come_in_smaller_batches(tiny_with_tokenizer, tmp_path):
@@ -483,6 +488,12 @@ def test_long_windows_come_in_smaller_batches(tiny_with_tokenizer, tmp_path):
     cfg = QuantConfig(calib=str(text), calib_samples=5, calib_seq_len=1024)
     feeds = calibration_feeds(model_io.load_model(src), src, cfg)
     assert [f["input_ids"].shape for f in feeds] == [(2, 1024), (2, 1024), (1, 1024)]
+    # the Fisher pass reads the first 8192 tokens, whatever the batch shape
+    from quantx_onnx.pipeline import _sensitivity_feeds
+
+    for rows, seq, taken in ((4, 256, 8), (4, 512, 4), (2, 1024, 4), (1, 4096, 2)):
+        feeds = [{"input_ids": np.zeros((rows, seq), np.int64)}] * 10
+        assert len(_sensitivity_feeds(feeds)) == taken
 
 
 def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):

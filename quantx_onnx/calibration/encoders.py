@@ -192,7 +192,7 @@ def encoder_feeds(model: ir.Model, folder: Path, spec: str, config) -> list[dict
     names = text_inputs(model)
     if names is None:
         raise InputError("calibration of this model needs feeds (not an image or text encoder)")
-    seq = min(config.calib_seq_len, TEXT_LEN)
+    seq = min(config.calib_seq_len or TEXT_LEN, TEXT_LEN)
     if spec == SYNTHETIC:
         texts = random_word_texts(folder, samples, seq - 2, seed)
     else:

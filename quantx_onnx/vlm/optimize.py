@@ -121,7 +121,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
             config.calib,
             folder,
             config.samples_for(config.calib),
-            config.calib_seq_len,
+            config.seq_len_for(config.calib),
             config.seed,
         )
         embeds = session.token_embeds(windows)
