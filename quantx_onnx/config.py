@@ -107,9 +107,9 @@ class QuantConfig:
 
     def samples_for(self, calib: str | None) -> int:
         """Calibration windows for the source spec ``calib``: --calib-samples when given, else
-        SELF_SAMPLES when the model writes all its text (generation is the slow part) and
-        TEXT_SAMPLES when real text is read (twice the tokens: measured 22.11 -> 21.72 on
-        Wikipedia, 37.33 -> 36.63 on Lee; docs/ACCURACY.md)."""
+        SELF_SAMPLES when the model writes all its text (of SELF_SEQ_LEN tokens: generation is
+        the slow part) and TEXT_SAMPLES when real text is read (of TEXT_SEQ_LEN: twice the
+        tokens measured 22.11 -> 21.72 on Wikipedia, 37.33 -> 36.63 on Lee; docs/ACCURACY.md)."""
         if self.calib_samples is not None:
             return self.calib_samples
         return SELF_SAMPLES if _all_self(calib) else TEXT_SAMPLES
