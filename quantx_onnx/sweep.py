@@ -247,16 +247,20 @@ def _rows(points, models, out, texts, metrics, speed) -> list[dict]:
                 "optimize_s": (rep or {}).get("seconds"),
             }
         )
-    first = texts[0]
-    for r in rows:  # on the front: no other row is both smaller and better (first text)
+    mark_front(rows, texts[0])
+    return rows
+
+
+def mark_front(rows: list[dict], text: str) -> None:
+    """Set each row's ``pareto``: no other row is both smaller and better on ``text``."""
+    for r in rows:
         r["pareto"] = not any(
             o is not r
             and o["file_mb"] <= r["file_mb"]
-            and o["ppl"][first] <= r["ppl"][first]
-            and (o["file_mb"] < r["file_mb"] or o["ppl"][first] < r["ppl"][first])
+            and o["ppl"][text] <= r["ppl"][text]
+            and (o["file_mb"] < r["file_mb"] or o["ppl"][text] < r["ppl"][text])
             for o in rows
         )
-    return rows
 
 
 def format_table(result: dict) -> str:

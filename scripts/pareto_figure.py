@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from quantx_onnx.sweep import plot
+from quantx_onnx.sweep import mark_front, plot
 
 
 def main(sweep_json: str, png: str, *points: str) -> None:
@@ -33,12 +33,7 @@ def main(sweep_json: str, png: str, *points: str) -> None:
             "budget_bpw": None, "ppl": ppl, "ratio": {t: ppl[t] / fp32[t] for t in texts},
             "decode_tok_s": None, "estimated_speedup": None, "optimize_s": None,
         })  # fmt: skip
-    ours = [r for r in result["rows"] if r["kind"] != "fp32"]
-    for r in ours:  # on the front: nothing else is at most as large and better
-        r["pareto"] = not any(
-            o is not r and o["file_mb"] <= r["file_mb"] and o["ppl"][texts[0]] < r["ppl"][texts[0]]
-            for o in ours
-        )
+    mark_front(result["rows"], texts[0])
     if points:
         result["calibration"] += f" (+ {len(points)} points measured after the sweep)"
     print(plot(result, Path(png)))

@@ -132,7 +132,7 @@ def _calibration(folder: Path, paths: dict[str, Path], config: QuantConfig) -> d
         names = [v.name for v in decoder.graph.inputs]
         past = _decoder_past_shapes(decoder)
         text = []
-        for b in batches(embeds, config.batch_windows()):
+        for b in batches(embeds, config.batch_windows(embeds.shape[1])):  # image + text
             f = decoder_feeds(names, past, np.zeros(b.shape[:2], np.int64))
             del f["input_ids"]
             text.append({"inputs_embeds": b, **f})
