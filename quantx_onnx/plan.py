@@ -42,16 +42,22 @@ def stored_bytes(recipe: Recipe, K: int, N: int, layout: Layout, scale_bytes: in
     return total
 
 
-def candidate_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
-    """Each base grid at 2 (never below its bits - 1), 3, 4 and 8 bits; a pinned weight keeps
-    its first base."""
+def candidate_recipes(bases: list[Recipe], pinned: bool, two_bits: bool = False) -> list[Recipe]:
+    """Each base grid at its bits, one step below (never under 3 bits unless ``two_bits`` or
+    the base is 2-bit), and every width above. A pinned weight keeps its first base.
+
+    The default plan (the run's bits plus a margin) has no 2-bit candidates: lowering a few
+    matrices to 2 bits to raise others to 4 is priced by a round-to-nearest error on the
+    calibration text, and on SmolLM2 those bets lost on the genres it did not see (two
+    own-text seeds; docs/ACCURACY.md). Explicit budgets below 3 bits need them."""
     if pinned:
         return [bases[0]]
     out = []
     for base in bases:
+        lowest = min(base.bits, max(2 if two_bits else 3, base.bits - 1))
         for b in SUPPORTED_BITS:
             r = dataclasses.replace(base, bits=b)
-            if b >= max(2, base.bits - 1) and r not in out:
+            if b >= lowest and r not in out:
                 out.append(r)
     return out
 
@@ -66,7 +72,7 @@ def search_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
     if pinned:
         return [bases[0]]
     out = []
-    for r in candidate_recipes(bases, False):
+    for r in candidate_recipes(bases, False, two_bits=True):
         variants = [r]
         if r.bits < 8:
             for g in SEARCH_GROUPS:

@@ -80,7 +80,13 @@ def test_stored_bytes_are_the_packed_bytes(rng, recipe):
 def test_candidates_span_the_bits_of_each_grid():
     base = Recipe(3, 32, "gptq", scale_bits=4)
     table = Recipe(4, 32, "gptq")
-    got = candidate_recipes([base, table], pinned=False)
+    got = candidate_recipes([base, table], pinned=False, two_bits=True)
     assert [r.bits for r in got if r.scale_bits] == [2, 3, 4, 8]
     assert [r.bits for r in got if not r.scale_bits] == [3, 4, 8]
+    # the default plan's: no 2-bit candidates
+    got = candidate_recipes([base, table], pinned=False)
+    assert [r.bits for r in got if r.scale_bits] == [3, 4, 8]
+    assert [r.bits for r in got if not r.scale_bits] == [3, 4, 8]
+    two = Recipe(2, 32, "gptq", scale_bits=4)  # a 2-bit run keeps its own bits
+    assert [r.bits for r in candidate_recipes([two], pinned=False)] == [2, 3, 4, 8]
     assert candidate_recipes([base, table], pinned=True) == [base]

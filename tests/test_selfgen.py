@@ -23,6 +23,20 @@ def test_nucleus_sampling_keeps_the_top_p_mass_and_its_proportions():
     assert 0 not in banned and set(np.unique(banned)) == {1, 2, 3}
 
 
+def test_whole_distribution_sampling_keeps_the_proportions():
+    """top_p 1.0 (the default) samples by inverting the cumulative sum, not the nucleus
+    path: every token's share is its probability, banned tokens never come."""
+    rng = np.random.default_rng(1)
+    p = np.array([0.4, 0.3, 0.2, 0.07, 0.03])
+    logits = np.tile(np.log(p), (40000, 1)) + 3.0  # any offset: logits, not log-probs
+    counts = np.bincount(sample_rows(logits, rng, 1.0, 1.0, np.array([], np.int64)), minlength=5)
+    np.testing.assert_allclose(counts / counts.sum(), p, atol=0.01)
+    hot = sample_rows(logits, rng, 2.0, 1.0, np.array([1]))  # temperature 2: p ** 0.5, no 1
+    expected = np.sqrt(p) * [1, 0, 1, 1, 1]
+    counts = np.bincount(hot, minlength=5)
+    np.testing.assert_allclose(counts / counts.sum(), expected / expected.sum(), atol=0.01)
+
+
 def test_windows_are_seeded_documents_of_running_text(tiny_with_tokenizer):
     a = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
     b = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)

@@ -55,3 +55,16 @@ def test_estimated_cost_is_the_measured_kl(tiny_llama, rng):
     assert all(0.3 < r < 1.6 for r in ratios.values()), ratios
     assert 0.8 < np.median(list(ratios.values())) < 1.2, ratios
     assert 0.8 < ratios["model.embed_tokens.weight"] < 1.25, ratios
+
+
+def test_fisher_labels_follow_the_model_distribution():
+    """The labels are drawn from each row's own distribution (zero-probability tokens never)."""
+    import torch
+
+    from quantx_onnx.calibration.sensitivity import _draw
+
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.1, 0.0, 0.9]]).repeat(20000, 1)
+    labels = _draw(torch, p, torch.Generator().manual_seed(0)).reshape(-1, 2)
+    for row in range(2):
+        share = np.bincount(labels[:, row].numpy(), minlength=4) / len(labels)
+        np.testing.assert_allclose(share, p[row].numpy(), atol=0.01)

@@ -35,10 +35,15 @@ def sample_rows(
     logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float, banned
 ) -> np.ndarray:
     """One token per row of ``logits`` [rows, V]: temperature, then the smallest set of most
-    likely tokens (among the TOP_CANDIDATES best) whose probability reaches ``top_p``."""
+    likely tokens (among the TOP_CANDIDATES best) whose probability reaches ``top_p``; at
+    ``top_p`` 1.0 the whole distribution, every token possible."""
     z = logits.astype(np.float64) / temperature
     if len(banned):
         z[:, banned] = -np.inf
+    if top_p >= 1.0:  # the whole distribution: no nucleus to cut (and no sort to pay for)
+        cdf = np.cumsum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
+        u = rng.random((len(cdf), 1)) * cdf[:, -1:]
+        return np.minimum((cdf < u).sum(axis=1), z.shape[1] - 1)
     k = min(TOP_CANDIDATES, z.shape[1])
     top = np.argpartition(-z, k - 1, axis=1)[:, :k]
     zt = np.take_along_axis(z, top, axis=1)
