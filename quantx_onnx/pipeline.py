@@ -277,7 +277,7 @@ def _searched_plan(
     """An explicit budget's plan: the wider search, priced in bytes, loss and decode time
     (the target's cost model), --budget-bpw counted over the whole file."""
     from .bench.target_cost import load_cost_model
-    from .plan import plan_from_candidates, price_candidates, weight_budget, without_two_bits
+    from .plan import plan_from_candidates, price_candidates, weight_budget
 
     cost_model = load_cost_model(config.target, config.threads or 2)
     matmul_keys = {k for k, ms in by_key.items() if any(m.rule != "gather" for m in ms)}
@@ -309,23 +309,14 @@ def _searched_plan(
     fp32_ns = sum(
         weights[k].shape[0] * weights[k].shape[1] * cost_model.fp32_decode_ns for k in matmul_keys
     )
-
-    def plan(cands):
-        return plan_from_candidates(
-            cands,
-            budget,
-            speedup=config.speedup,
-            fp32_ns=fp32_ns,
-            cost_model_name=f"{cost_model.target} ({cost_model.source})",
-            names={k: ms[0].weight.name for k, ms in by_key.items()},
-        )
-
-    if config.speedup is not None:  # the fastest formats are 2-bit: a speed budget needs them
-        return plan(candidates)
-    try:  # a byte budget that fits without 2-bit matrices is planned without them
-        return plan(without_two_bits(candidates, base))
-    except BudgetError:
-        return plan(candidates)
+    return plan_from_candidates(
+        candidates,
+        budget,
+        speedup=config.speedup,
+        fp32_ns=fp32_ns,
+        cost_model_name=f"{cost_model.target} ({cost_model.source})",
+        names={k: ms[0].weight.name for k, ms in by_key.items()},
+    )
 
 
 INPUT_SCALE_MAX_BPW = 0.05  # end-to-end tuning's input scales, when they cost less than this

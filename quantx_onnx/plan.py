@@ -211,18 +211,6 @@ def weight_budget(
     return budget - reserved_bytes
 
 
-def without_two_bits(
-    candidates: dict[WeightKey, list[Candidate]], base: dict[WeightKey, Recipe]
-) -> dict[WeightKey, list[Candidate]]:
-    """``candidates`` less their 2-bit options, but for matrices whose own recipe is 2-bit.
-    An explicit byte budget is planned from these when they fit it: as in the default plan
-    (candidate_recipes), 2-bit bets priced on the calibration text lost on other genres."""
-    return {
-        k: [c for c in cs if c.recipe.bits > 2 or base[k].bits <= 2] or cs
-        for k, cs in candidates.items()
-    }
-
-
 def plan_from_candidates(
     candidates: dict[WeightKey, list[Candidate]],
     budget: int,

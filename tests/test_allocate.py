@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from quantx_onnx.allocate import BINS, BudgetError, Candidate, allocate
 from quantx_onnx.format import Layout, pack, packed_bytes
-from quantx_onnx.plan import candidate_recipes, stored_bytes, without_two_bits
+from quantx_onnx.plan import candidate_recipes, stored_bytes
 from quantx_onnx.quantize.rtn import quantize_rtn
 from quantx_onnx.recipes import Recipe
 
@@ -91,28 +90,3 @@ def test_candidates_span_the_bits_of_each_grid():
     two = Recipe(2, 32, "gptq", scale_bits=4)  # a 2-bit run keeps its own bits
     assert [r.bits for r in candidate_recipes([two], pinned=False)] == [2, 3, 4, 8]
     assert candidate_recipes([base, table], pinned=True) == [base]
-
-
-def test_byte_budgets_drop_two_bit_options_but_for_two_bit_matrices():
-    """Explicit byte budgets are planned first without 2-bit options: a budget the allocator
-    would meet by lowering one matrix to 2 bits to raise another to 8 then keeps both at 3
-    bits or more; a matrix whose own recipe is 2-bit keeps its options; a budget only 2 bits
-    can meet fails with the filtered set (the caller then plans with every option)."""
-    three, two = Recipe(3, 32, "gptq", scale_bits=4), Recipe(2, 32, "gptq", scale_bits=4)
-
-    def options(size, weight):
-        return [
-            Candidate(dataclasses.replace(three, bits=b), size * b, weight * 4.0**-b)
-            for b in (2, 3, 4, 8)
-        ]
-
-    cands = {"a": options(100, 1.0), "b": options(100, 50.0), "c": options(100, 1.0)}
-    base = {"a": three, "b": three, "c": two}
-    budget = 100 * 13
-    free = allocate(cands, budget)
-    assert [free[k].recipe.bits for k in "abc"] == [2, 8, 2]  # "a" lowered to pay for "b"
-    kept = allocate(without_two_bits(cands, base), budget)
-    assert min(kept[k].recipe.bits for k in "ab") >= 3
-    assert 2 in [c.recipe.bits for c in without_two_bits(cands, base)["c"]]
-    with pytest.raises(BudgetError):
-        allocate(without_two_bits(cands, base), 100 * (2 + 3 + 2))
