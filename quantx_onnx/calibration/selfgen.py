@@ -41,9 +41,7 @@ def sample_rows(
     if len(banned):
         z[:, banned] = -np.inf
     if top_p >= 1.0:  # the whole distribution: no nucleus to cut (and no sort to pay for)
-        cdf = np.cumsum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
-        u = rng.random((len(cdf), 1)) * cdf[:, -1:]
-        return np.minimum((cdf < u).sum(axis=1), z.shape[1] - 1)
+        return _draw_columns(np.exp(z - z.max(axis=1, keepdims=True)), rng)
     k = min(TOP_CANDIDATES, z.shape[1])
     top = np.argpartition(-z, k - 1, axis=1)[:, :k]
     zt = np.take_along_axis(z, top, axis=1)
@@ -53,11 +51,16 @@ def sample_rows(
     p = np.exp(zt - zt[:, :1])
     p /= p.sum(axis=1, keepdims=True)
     keep = np.cumsum(p, axis=1) - p < top_p  # always keeps the most likely token
-    p = np.where(keep, p, 0.0)
-    p /= p.sum(axis=1, keepdims=True)
-    u = rng.random((len(p), 1))
-    choice = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), k - 1)
+    choice = _draw_columns(np.where(keep, p, 0.0), rng)
     return top[np.arange(len(top)), choice]
+
+
+def _draw_columns(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One column per row of ``weights`` [rows, n] (>= 0, not normalised), drawn with
+    probability proportional to its weight by inverting the row's cumulative sum."""
+    cdf = np.cumsum(weights, axis=1)
+    u = rng.random((len(cdf), 1)) * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=1), weights.shape[1] - 1)
 
 
 DOCUMENT_SEPARATORS = ("<|endoftext|>", "<s>", "<|begin_of_text|>", "<bos>")
