@@ -69,28 +69,15 @@ def add_logits_to_keep(model: ir.Model) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``python -m quantx_onnx.passes.logits_rule IN OUT``: adds the input to an existing model
     (an export folder or .onnx file; a folder's companions are copied)."""
-    import argparse
-    from pathlib import Path
-
     from quantx_onnx import model_io
 
-    p = argparse.ArgumentParser(prog="python -m quantx_onnx.passes.logits_rule")
-    p.add_argument("model")
-    p.add_argument("output")
-    args = p.parse_args(argv)
-    source = model_io.resolve_input(args.model)
-    model = model_io.load_model(source)
-    if not add_logits_to_keep(model):
-        print(f"{args.model}: nothing to do (no lm_head output, or the input exists)")
-        return 1
-    out = Path(args.output)
-    target = out / source.model_path.name if source.folder is not None else out
-    with model_io.staged_output(target) as stage:
-        model_io.save_model(model, stage / target.name, external=source.uses_external_data or None)
-        if source.folder is not None:
-            model_io.copy_companions(source, stage)
-    print(f"{target}: logits_to_keep added")
-    return 0
+    return model_io.rewrite_command(
+        argv,
+        "python -m quantx_onnx.passes.logits_rule",
+        add_logits_to_keep,
+        "no lm_head output, or the input exists",
+        lambda _: "logits_to_keep added",
+    )
 
 
 if __name__ == "__main__":

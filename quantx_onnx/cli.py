@@ -362,6 +362,9 @@ def _optimize_summary(report) -> str:
         lines.append(f"  attention: {len(att.fused)} layers fused into GroupQueryAttention")
         for layer, why in sorted(att.skipped.items()):
             lines.append(f"    layer {layer} kept as exported: {why}")
+    if report.multi_matmuls:
+        n = report.multi_matmuls
+        lines.append(f"  projections of one input (q/k/v, gate/up): {n} QxMultiMatMul nodes")
     if lin.untouched:
         left = ", ".join(f"{c} {op}" for op, c in sorted(lin.untouched.items()))
         lines.append(f"  left as is (no constant weight: activation x activation): {left}")

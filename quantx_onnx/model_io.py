@@ -273,3 +273,30 @@ def copy_companions(source: ModelSource, stage: Path) -> list[str]:
         shutil.copy2(f, stage / f.name)
         copied.append(f.name)
     return copied
+
+
+def rewrite_command(argv: list[str] | None, prog: str, rewrite, nothing: str, done) -> int:
+    """The command line of a graph pass, ``prog IN OUT``: loads IN (an export folder or .onnx
+    file), applies ``rewrite(ir_model)`` (truthy when it changed something: a count or True)
+    and writes the result to OUT, a folder's companions copied; IN is never touched. Prints
+    ``done(result)`` and returns 0, or prints ``nothing`` and returns 1 (nothing written)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("model")
+    p.add_argument("output")
+    args = p.parse_args(argv)
+    source = resolve_input(args.model)
+    ir_model = load_model(source)
+    result = rewrite(ir_model)
+    if not result:
+        print(f"{args.model}: nothing to do ({nothing})")
+        return 1
+    out = Path(args.output)
+    target = out / source.model_path.name if source.folder is not None else out
+    with staged_output(target) as stage:
+        save_model(ir_model, stage / target.name, external=source.uses_external_data or None)
+        if source.folder is not None:
+            copy_companions(source, stage)
+    print(f"{target}: {done(result)}")
+    return 0

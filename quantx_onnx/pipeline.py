@@ -27,6 +27,7 @@ from .genai import GenaiReport, write_genai_config
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
 from .passes.logits_rule import add_logits_to_keep
+from .passes.multi_matmul_rule import fuse_multi_matmuls
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
 from .recipes import Recipe, recipe_for, single_recipe_quantizer, with_plan, with_recipe_for
 from .targets import resolve_target
@@ -53,6 +54,7 @@ class OptimizeReport:
     tuning: dict | None = None  # end-to-end tuning report
     genai: GenaiReport | None = None  # genai_config.json for onnxruntime-genai (export folders)
     portable: dict | None = None  # --portable: what the QuantX nodes became (portable.py)
+    multi_matmuls: int = 0  # QxMultiMatMul nodes (q/k/v, gate/up fused; multi_matmul_rule.py)
 
     @property
     def quantized_weights(self) -> int:
@@ -81,6 +83,7 @@ class OptimizeReport:
             "end_to_end": self.tuning,
             "portable": self.portable,
             "attention_fused_layers": self.attention.fused,
+            "multi_matmul_nodes": self.multi_matmuls,
             "genai": self.genai.to_json() if self.genai else None,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
             "no_constant_weight": self.linear.untouched,  # op -> count (activation x activation)
@@ -549,6 +552,7 @@ def optimize(
     # Large models (external data) spill packed weights to disk as they are made, so memory
     # stays bounded by one weight rather than by the quantized model.
     spill = portable = None
+    fused_matmuls = 0
     if source.uses_external_data:
         out_model.parent.mkdir(parents=True, exist_ok=True)
         spill = SpillFile(out_model.parent / f".{out_model.name}.{os.getpid()}.spill")
@@ -573,6 +577,8 @@ def optimize(
             from .portable import to_portable
 
             portable = dataclasses.asdict(to_portable(ir_model))
+        else:  # q/k/v and gate/up: one node each
+            fused_matmuls = fuse_multi_matmuls(ir_model)
         with model_io.staged_output(out_model) as stage:
             staged = stage / out_model.name
             model_io.save_model(ir_model, staged, external=source.uses_external_data or None)
@@ -608,6 +614,7 @@ def optimize(
         tuning=tuning,
         genai=genai,
         portable=portable,
+        multi_matmuls=fused_matmuls,
     )
     write_report(config.report, report)
     return report

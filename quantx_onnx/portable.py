@@ -55,6 +55,7 @@ from .format import (
 )
 from .genai import CONFIG_NAME as GENAI_CONFIG
 from .genai import write_genai_config
+from .passes.multi_matmul_rule import split_multi_matmuls
 from .reference import node_weight
 from .runtime import _LIB_NAME
 
@@ -547,6 +548,7 @@ def to_portable(model: ir.Model, *, accuracy_level: int | None = None) -> Portab
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < 13:
         raise InputError(f"portable form needs ONNX opset >= 13 (the model has {opset})")
+    split_multi_matmuls(model)  # each weight converts on its own
     b = _Builder(graph, opset)
     functions = _Functions(model, opset, b)
     report = PortableReport()

@@ -150,6 +150,9 @@ def node_weight(node: ir.Node, first_input: int = 1) -> QuantizedWeight:
 def dequantized_model(model: ir.Model) -> ir.Model:
     """Replace every QuantX node of ``model`` (in place) by float MatMul/Gather nodes over the
     dequantized weights; returns the model."""
+    from .passes.multi_matmul_rule import split_multi_matmuls
+
+    split_multi_matmuls(model)
     graph = model.graph
     cache: dict[tuple, ir.Value] = {}
     for node in list(graph):

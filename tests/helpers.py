@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,23 @@ def qx_matmul_model(
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
     )
+
+
+def projection_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the model's QxMatMul projections, those fused into QxMultiMatMul nodes
+    included (their members' names)."""
+    from quantx_onnx.passes.multi_matmul_rule import MEMBERS, OP_MULTI
+
+    names = []
+    for n in model.graph.node:
+        if n.domain != DOMAIN:
+            continue
+        if n.op_type == OP_MATMUL:
+            names.append(n.name)
+        elif n.op_type == OP_MULTI:
+            meta = {p.key: p.value for p in n.metadata_props}
+            names += json.loads(meta[MEMBERS])
+    return names
 
 
 def random_quantized(rng, K, N, bits, group, layout, symmetric=False, **fmt_kw):

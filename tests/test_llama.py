@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -11,7 +13,7 @@ import pytest
 from quantx_onnx import QuantConfig, optimize, reference
 from quantx_onnx.format import DOMAIN
 
-from .helpers import llm_feeds, quantx_session, rel_err
+from .helpers import llm_feeds, projection_names, quantx_session, rel_err
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -31,8 +33,10 @@ def test_every_projection_and_the_tied_lm_head_are_rewritten(q3_float):
     out, report = q3_float
     model = onnx.load(str(out / "model.onnx"))
     qx = [n for n in model.graph.node if n.domain == DOMAIN]
-    names = sorted(n.name for n in qx if n.op_type == "QxMatMul")
+    names = sorted(projection_names(model))
     assert len(names) == 2 * 7 + 1
+    # q/k/v and gate/up of each layer run as one node each
+    assert [n.op_type for n in qx].count("QxMultiMatMul") == 2 * 2 == report.multi_matmuls
     for layer in range(2):
         for proj in PROJECTIONS:
             assert any(f"layers.{layer}/" in n and proj in n for n in names), (layer, proj)
@@ -147,20 +151,23 @@ def test_optimize_without_attention_fusion_keeps_the_export(tiny_llama, tmp_path
     report = _optimize(tiny_llama, tmp_path, bits=4, fuse_attention=False)
     assert not report.attention.fused
     ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    assert "GroupQueryAttention" not in ops and ops.count("QxMatMul") == 15
+    assert "GroupQueryAttention" not in ops
+    assert ops.count("QxMatMul") == 2 * 2 + 1 and ops.count("QxMultiMatMul") == 2 * 2
 
 
 def test_decode_profile_counts_every_node_of_each_step(q3_float):
-    """bench profile: per decode step every QuantX node runs once (14 projections + the tied
-    lm_head), and the op-type shares add up to the whole kernel time."""
+    """bench profile: per decode step every QuantX node runs once (o and down projections and
+    the tied lm_head; q/k/v and gate/up as one node each), and the op-type shares add up to
+    the whole kernel time."""
     from quantx_onnx.bench.profile import profile_decode
 
     folder = q3_float[0]
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    in_graph = sum(node.op_type == "QxMatMul" for node in model.graph.node)
+    in_graph = collections.Counter(node.op_type for node in model.graph.node)
     p = profile_decode(folder, threads=1, prompt_tokens=5, steps=3)
     ops = {o.op_type: o for o in p.ops}
-    assert ops["QxMatMul"].nodes_per_step == in_graph == 15
+    assert ops["QxMatMul"].nodes_per_step == in_graph["QxMatMul"] == 5
+    assert ops["QxMultiMatMul"].nodes_per_step == in_graph["QxMultiMatMul"] == 4
     assert sum(o.share for o in p.ops) == pytest.approx(1.0)
     assert 0 < p.quantx_share < 1
     assert p.run_us_per_step >= p.kernel_us_per_step * 0.5

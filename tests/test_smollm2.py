@@ -19,7 +19,7 @@ from quantx_onnx.llm import DecoderSession
 from quantx_onnx.tokenizer import Tokenizer
 
 from .cmake_build import in_ci
-from .helpers import genai_greedy
+from .helpers import genai_greedy, projection_names
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -97,7 +97,7 @@ def test_smollm2_3bit_rewrites_every_projection_and_generates(smollm2, tmp_path)
     report = optimize(smollm2, tmp_path / "q3", QuantConfig(bits=3, data_free=True))
     model = onnx.load(str(tmp_path / "q3" / "model.onnx"))
     qx = [n for n in model.graph.node if n.domain == DOMAIN]
-    names = [n.name for n in qx if n.op_type == "QxMatMul"]
+    names = projection_names(model)
     projections = [n for n in names if any(p in n for p in PROJECTIONS)]
     assert len(projections) == 210 and any("lm_head" in n for n in names)
     assert [n.op_type for n in qx].count("QxGather") == 1

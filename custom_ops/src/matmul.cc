@@ -38,11 +38,6 @@ struct Scratch {
   std::vector<int32_t> a_sum;
 };
 
-Scratch& ThreadScratch() {
-  thread_local Scratch scratch;
-  return scratch;
-}
-
 // Room for n elements (contents unspecified: every element read is written first).
 template <typename T>
 T* Grow(std::vector<T>& v, int64_t n) {
@@ -71,24 +66,28 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
 
 }  // namespace
 
-void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, void* y,
-               const ParallelFor& parallel_for) {
-  if (M <= 0) return;
+namespace {
+
+// One plan's share of a RunMatMuls call: its activations prepared, its work items laid out.
+struct Prepared {
+  MatMulArgs args;
+  int64_t tiles = 0, tile_chunk = 1, tile_items = 1, row_chunk = 1, row_items = 1;
+  int64_t items() const { return row_items * tile_items; }
+};
+
+// Pads, scales and (int8 path) quantizes A for `plan` into `s`; lays out the work items.
+Prepared Prepare(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, Scratch& s,
+                 float* y32, void* y, const ParallelFor& parallel_for) {
   const WeightFormat& f = plan.w.fmt;
   // Row stride: the stored k axis plus 64 elements, so that rows 4 KB apart (K = 1024, 4096,
   // ...) do not all fall into one L1 set when a microkernel walks several rows at once.
   const int64_t ks = f.k_stored() + kLdaPad;
   const int64_t nb = static_cast<int64_t>(plan.blocks.size());
   const bool int8 = plan.path == ComputePath::kInt8;
-
-  Scratch local;
-  Scratch& s = static_cast<size_t>(M * ks) * sizeof(float) <= kScratchKeepBytes ? ThreadScratch()
-                                                                                   : local;
   float* a_pad = Grow(s.a_pad, M * ks);
   int8_t* a_i8 = int8 ? Grow(s.a_i8, M * ks) : nullptr;
   float* a_scale = int8 ? Grow(s.a_scale, M * nb) : nullptr;
   int32_t* a_sum = int8 ? Grow(s.a_sum, M * nb) : nullptr;
-  float* y32 = type == ElemType::kFloat16 ? Grow(s.y32, M * f.N) : nullptr;
 
   // Activation preparation, by row chunks.
   const int64_t prep_chunk = std::max<int64_t>(1, (1 << 16) / ks);
@@ -105,7 +104,8 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   else
     parallel_for(prep_items, prep);
 
-  MatMulArgs args;
+  Prepared p;
+  MatMulArgs& args = p.args;
   args.w = &plan.w;
   args.blocks = plan.blocks.data();
   args.n_blocks = nb;
@@ -120,28 +120,80 @@ void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, 
   args.ldy = f.N;
   args.bias = plan.bias;
 
-  const int64_t T = f.n_tiles();
-  const int64_t row_chunk = M <= kDecodeRows ? M : std::min(M, kRowChunk);
-  const int64_t row_items = CeilDiv(M, row_chunk);
+  p.tiles = f.n_tiles();
+  p.row_chunk = M <= kDecodeRows ? M : std::min(M, kRowChunk);
+  p.row_items = CeilDiv(M, p.row_chunk);
   // Enough items to balance the threads, but each worth its dispatch: decode items stream at
   // least kMinItemBytes of weights.
   const int64_t tile_bytes = f.k_stored() / kKAlign * f.superblock_bytes();
-  int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(T * row_items, kMaxItems));
+  int64_t tile_chunk = std::max<int64_t>(1, CeilDiv(p.tiles * p.row_items, kMaxItems));
   if (M <= kDecodeRows) tile_chunk = std::max(tile_chunk, CeilDiv(kMinItemBytes, tile_bytes));
   // Items of equal size: 12 tiles in chunks of 8 would leave one thread 8 and the other 4.
-  const int64_t tile_items = CeilDiv(T, tile_chunk);
-  tile_chunk = CeilDiv(T, tile_items);
-  parallel_for(row_items * tile_items, [&](int64_t item) {
-    const int64_t r = item / tile_items, t = item % tile_items;
-    const int64_t t0 = t * tile_chunk, t1 = std::min(T, t0 + tile_chunk);
-    const int64_t m0 = r * row_chunk, m1 = std::min(M, m0 + row_chunk);
-    plan.kernels->matmul(args, t0, t1, m0, m1);
+  p.tile_items = CeilDiv(p.tiles, tile_chunk);
+  p.tile_chunk = CeilDiv(p.tiles, p.tile_items);
+  return p;
+}
+
+void RunItem(const MatMulPlan& plan, const Prepared& p, int64_t item) {
+  const int64_t r = item / p.tile_items, t = item % p.tile_items;
+  const int64_t t0 = t * p.tile_chunk, t1 = std::min(p.tiles, t0 + p.tile_chunk);
+  const int64_t m0 = r * p.row_chunk, m1 = std::min(p.args.M, m0 + p.row_chunk);
+  plan.kernels->matmul(p.args, t0, t1, m0, m1);
+}
+
+// Per-thread scratch of the plans of one call (decode calls are small and frequent;
+// allocating each time costs as much as the work).
+std::vector<Scratch>& ThreadScratches() {
+  thread_local std::vector<Scratch> scratches;
+  return scratches;
+}
+
+}  // namespace
+
+void RunMatMuls(const MatMulPlan* const* plans, const int n, const void* a, ElemType type,
+                int64_t M, void* const* ys, const ParallelFor& parallel_for) {
+  if (M <= 0 || n <= 0) return;
+  std::vector<Scratch>& kept = ThreadScratches();
+  if (kept.size() < static_cast<size_t>(n)) kept.resize(static_cast<size_t>(n));
+  std::vector<Scratch> local;  // large (prefill) buffers are not kept between calls
+  std::vector<Prepared> prepared(static_cast<size_t>(n));
+  std::vector<int64_t> first_item(static_cast<size_t>(n) + 1, 0);
+  for (int i = 0; i < n; ++i) {
+    const WeightFormat& f = plans[i]->w.fmt;
+    const int64_t ks = f.k_stored() + kLdaPad;
+    Scratch* s = &kept[static_cast<size_t>(i)];
+    if (static_cast<size_t>(M * ks) * sizeof(float) > kScratchKeepBytes) {
+      if (local.empty()) local.resize(static_cast<size_t>(n));
+      s = &local[static_cast<size_t>(i)];
+    }
+    float* y32 = type == ElemType::kFloat16 ? Grow(s->y32, M * f.N) : nullptr;
+    prepared[static_cast<size_t>(i)] = Prepare(*plans[i], a, type, M, *s, y32, ys[i], parallel_for);
+    first_item[static_cast<size_t>(i) + 1] =
+        first_item[static_cast<size_t>(i)] + prepared[static_cast<size_t>(i)].items();
+  }
+
+  // One parallel loop over every plan's work items: a node with several weights pays one
+  // dispatch, not one per weight.
+  parallel_for(first_item[static_cast<size_t>(n)], [&](int64_t item) {
+    int i = 0;
+    while (item >= first_item[static_cast<size_t>(i) + 1]) ++i;
+    RunItem(*plans[i], prepared[static_cast<size_t>(i)], item - first_item[static_cast<size_t>(i)]);
   });
 
-  if (y32) {
-    uint16_t* y16 = static_cast<uint16_t*>(y);
-    for (int64_t i = 0; i < M * f.N; ++i) y16[i] = FloatToHalf(y32[i]);
+  if (type == ElemType::kFloat16) {
+    for (int i = 0; i < n; ++i) {
+      const Prepared& p = prepared[static_cast<size_t>(i)];
+      uint16_t* y16 = static_cast<uint16_t*>(ys[i]);
+      for (int64_t j = 0; j < M * plans[i]->w.fmt.N; ++j) y16[j] = FloatToHalf(p.args.y[j]);
+    }
   }
+}
+
+void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, void* y,
+               const ParallelFor& parallel_for) {
+  const MatMulPlan* plans[1] = {&plan};
+  void* ys[1] = {y};
+  RunMatMuls(plans, 1, a, type, M, ys, parallel_for);
 }
 
 }  // namespace quantx

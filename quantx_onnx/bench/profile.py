@@ -21,7 +21,7 @@ from ..llm import DecoderSession
 from ..runtime import session_options
 from .decode import prompt_ids, run_once
 
-QUANTX_OPS = ("QxMatMul", "QxGather")  # the com.quantx op types
+QUANTX_OPS = ("QxMatMul", "QxMultiMatMul", "QxGather")  # the com.quantx op types
 
 
 @dataclasses.dataclass

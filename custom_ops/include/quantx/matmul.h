@@ -1,6 +1,6 @@
-// Driver of one QxMatMul: prepares activations (padding, input scale, int8 quantization),
-// splits the output into work items and runs them through a caller-supplied parallel loop.
-// Free of ONNX Runtime so that kernel tests and benchmarks can call it directly.
+// Driver of QxMatMul (and QxMultiMatMul): prepares activations (padding, input scale, int8
+// quantization), splits the output into work items and runs them through a caller-supplied parallel
+// loop. Free of ONNX Runtime so that kernel tests and benchmarks can call it directly.
 #pragma once
 
 #include <cstdint>
@@ -34,5 +34,11 @@ void InitPlan(MatMulPlan* plan);
 // Y[M, N] = A[M, K] * W + bias. A and Y have type `type` (float16 as raw uint16 bits).
 void RunMatMul(const MatMulPlan& plan, const void* a, ElemType type, int64_t M, void* y,
                const ParallelFor& parallel_for);
+
+// Y_i[M, N_i] = A[M, K] * W_i + bias_i for n plans of one input (each its own format and
+// input scale): every plan's activations are prepared first, then all their work items run
+// in one parallel loop. ys[i] has plan i's output type, as A.
+void RunMatMuls(const MatMulPlan* const* plans, int n, const void* a, ElemType type, int64_t M,
+                void* const* ys, const ParallelFor& parallel_for);
 
 }  // namespace quantx

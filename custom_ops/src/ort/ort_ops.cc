@@ -96,30 +96,17 @@ bool IsFloat(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
-// Attributes common to QxMatMul and QxGather.
-WeightFormat ReadFormat(const Ort::ConstKernelInfo& info, const std::string& node,
+// A weight's format from its attribute values; throws naming the node if they are invalid.
+WeightFormat MakeFormat(int64_t K, int64_t N, int64_t bits, int64_t group_size, int64_t layout,
+                        int64_t scale_bits, int64_t super_group, const std::string& node,
                         const std::string& op) {
-  auto get = [&](const char* name, bool required, int64_t dflt) -> int64_t {
-    int64_t v = dflt;
-    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
-    if (st) {
-      g_api->ReleaseStatus(st);
-      if (required) Fail(node, op, std::string("missing required int attribute '") + name + "'");
-      return dflt;
-    }
-    return v;
-  };
-  WeightFormat f;
-  f.K = get("K", true, 0);
-  f.N = get("N", true, 0);
-  const int64_t bits = get("bits", true, 0);
-  f.group_size = get("group_size", true, 0);
-  const int64_t layout = get("layout", false, 0);
-  const int64_t scale_bits = get("scale_bits", false, 0);
-  const int64_t super_group = get("super_group", false, 0);
   if (bits < 0 || bits > 64 || layout < 0 || layout > 64 || scale_bits < 0 || scale_bits > 64 ||
       super_group < 0 || super_group > (int64_t{1} << 31))
     Fail(node, op, "attribute out of range");
+  WeightFormat f;
+  f.K = K;
+  f.N = N;
+  f.group_size = group_size;
   f.bits = static_cast<int>(bits);
   f.layout = static_cast<Layout>(layout);
   f.scale_bits = static_cast<int>(scale_bits);
@@ -127,6 +114,30 @@ WeightFormat ReadFormat(const Ort::ConstKernelInfo& info, const std::string& nod
   const std::string err = f.Validate();
   if (!err.empty()) Fail(node, op, err);
   return f;
+}
+
+// An int attribute (dflt when absent and not required).
+int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, bool required, int64_t dflt,
+                const std::string& node, const std::string& op) {
+  int64_t v = dflt;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    if (required) Fail(node, op, std::string("missing required int attribute '") + name + "'");
+    return dflt;
+  }
+  return v;
+}
+
+// Attributes common to QxMatMul and QxGather.
+WeightFormat ReadFormat(const Ort::ConstKernelInfo& info, const std::string& node,
+                        const std::string& op) {
+  auto get = [&](const char* name, bool required) {
+    return IntAttr(info, name, required, 0, node, op);
+  };
+  return MakeFormat(get("K", true), get("N", true), get("bits", true), get("group_size", true),
+                    get("layout", false), get("scale_bits", false), get("super_group", false), node,
+                    op);
 }
 
 // Checks every packed weight tensor against the format; throws naming the first problem.
@@ -266,6 +277,50 @@ struct WeightInputs {
   }
 };
 
+// ONNX Runtime's intra-op thread pool as the drivers' parallel loop.
+ParallelFor OrtParallelFor(OrtKernelContext* raw) {
+  return [raw](int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n == 1) {
+      fn(0);
+      return;
+    }
+    struct Call {
+      const std::function<void(int64_t)>* fn;
+    } call{&fn};
+    auto tramp = [](void* user, size_t i) {
+      (*static_cast<Call*>(user)->fn)(static_cast<int64_t>(i));
+    };
+    Ort::ThrowOnError(
+        g_api->KernelContext_ParallelFor(raw, tramp, static_cast<size_t>(n), 0, &call));
+  };
+}
+
+// The compute path of attribute accuracy_level: 4 = int8 activations, 0..3 float.
+ComputePath ReadPath(const Ort::ConstKernelInfo& info, const std::string& node,
+                     const std::string& op) {
+  const int64_t level = IntAttr(info, "accuracy_level", false, 0, node, op);
+  if (level < 0 || level > 4) Fail(node, op, "accuracy_level must be in [0, 4]");
+  return level == 4 ? ComputePath::kInt8 : ComputePath::kFloat;
+}
+
+// Input A of a matmul node: float or float16 [..., K]; its row count M.
+Tensor CheckedA(Ort::KernelContext& ctx, int64_t K, const std::string& node, const std::string& op,
+                int64_t* M) {
+  const Tensor a = Describe(ctx.GetInput(0));
+  if (!a.present || !IsFloat(a.type)) Fail(node, op, "input 'A' must be float or float16");
+  if (a.shape.empty() || a.shape.back() != K)
+    Fail(node, op,
+         "input 'A' has shape " + ShapeStr(a.shape) + ", expected [..., K=" + std::to_string(K) +
+             "]");
+  *M = 1;
+  for (size_t i = 0; i + 1 < a.shape.size(); ++i) *M *= a.shape[i];
+  return a;
+}
+
+ElemType ElemOf(const Tensor& a) {
+  return a.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? ElemType::kFloat32 : ElemType::kFloat16;
+}
+
 // ---------------------------------------------------------------------------------------------
 // QxMatMul: Y = A @ W + bias
 struct MatMulKernel {
@@ -286,11 +341,7 @@ struct MatMulKernel {
     Ort::ConstKernelInfo info(raw_info);
     node = NodeName(info);
     fmt = ReadFormat(info, node, "QxMatMul");
-    int64_t level = 0;
-    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, "accuracy_level", &level);
-    if (st) g_api->ReleaseStatus(st);
-    if (level < 0 || level > 4) Fail(node, "QxMatMul", "accuracy_level must be in [0, 4]");
-    path = level == 4 ? ComputePath::kInt8 : ComputePath::kFloat;
+    path = ReadPath(info, node, "QxMatMul");
     std::string why;
     kernels = SelectKernels(&why);
     if (!kernels) Fail(node, "QxMatMul", why);
@@ -326,11 +377,8 @@ struct MatMulKernel {
 
   void Compute(OrtKernelContext* raw_ctx) const {
     Ort::KernelContext ctx(raw_ctx);
-    const Tensor a = Describe(ctx.GetInput(0));
-    if (!a.present || !IsFloat(a.type)) Fail(node, "QxMatMul", "input 'A' must be float or float16");
-    if (a.shape.empty() || a.shape.back() != fmt.K)
-      Fail(node, "QxMatMul", "input 'A' has shape " + ShapeStr(a.shape) +
-                                 ", expected [..., K=" + std::to_string(fmt.K) + "]");
+    int64_t M = 0;
+    const Tensor a = CheckedA(ctx, fmt.K, node, "QxMatMul", &M);
     MatMulPlan per_call;
     Derived local;
     std::vector<float> bias_f;
@@ -347,33 +395,126 @@ struct MatMulKernel {
 
     std::vector<int64_t> out_shape = a.shape;
     out_shape.back() = fmt.N;
-    int64_t M = 1;
-    for (size_t i = 0; i + 1 < a.shape.size(); ++i) M *= a.shape[i];
     Ort::UnownedValue y = ctx.GetOutput(0, out_shape.data(), out_shape.size());
     if (M == 0) return;
-    const ElemType et =
-        a.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? ElemType::kFloat32 : ElemType::kFloat16;
-    RunMatMul(run, a.data, et, M, y.GetTensorMutableRawData(), OrtParallelFor(raw_ctx));
+    RunMatMul(run, a.data, ElemOf(a), M, y.GetTensorMutableRawData(), OrtParallelFor(raw_ctx));
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) const {
     return Guard([&] { Compute(ctx); });
   }
+};
 
-  static ParallelFor OrtParallelFor(OrtKernelContext* raw) {
-    return [raw](int64_t n, const std::function<void(int64_t)>& fn) {
-      if (n == 1) {
-        fn(0);
-        return;
+// ---------------------------------------------------------------------------------------------
+// QxMultiMatMul: Y_i = A @ W_i + bias_i for 2..kMaxFused weights that read the same A (q/k/v,
+// gate/up), each in its own format. One node and one parallel loop instead of one per weight:
+// at decode the per-node cost of a small matrix is as large as its arithmetic. Each weight
+// takes kFusedSlots inputs after A (QxMatMul's inputs 1..7); its attributes are lists.
+constexpr int kMaxFused = 4;
+constexpr size_t kFusedSlots = kNumWeight + 1;  // the weight inputs, then the bias
+
+struct MultiMatMulKernel {
+  std::string node;
+  int64_t K = 0;
+  std::vector<WeightFormat> fmts;
+  std::vector<WeightInputs> weights;
+  std::vector<std::vector<float>> biases;
+  std::vector<MatMulPlan> plans;  // point into weights[i].derived and biases[i]
+
+  MultiMatMulKernel(const OrtKernelInfo* raw_info) {
+    static const std::string op = "QxMultiMatMul";
+    Ort::ConstKernelInfo info(raw_info);
+    node = NodeName(info);
+    K = IntAttr(info, "K", true, 0, node, op);
+    auto list = [&](const char* name, bool required, size_t n) {
+      std::vector<int64_t> v;
+      try {
+        v = info.GetAttributes<int64_t>(name);
+      } catch (const Ort::Exception&) {
+        if (required) Fail(node, op, std::string("missing required ints attribute '") + name + "'");
+        v.assign(n, 0);
       }
-      struct Call {
-        const std::function<void(int64_t)>* fn;
-      } call{&fn};
-      auto tramp = [](void* user, size_t i) {
-        (*static_cast<Call*>(user)->fn)(static_cast<int64_t>(i));
-      };
-      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(raw, tramp, static_cast<size_t>(n), 0, &call));
+      if (n && v.size() != n)
+        Fail(node, op,
+             std::string("attribute '") + name + "' has " + std::to_string(v.size()) +
+                 " values, expected one per weight (" + std::to_string(n) + ")");
+      return v;
     };
+    const std::vector<int64_t> Ns = list("N", true, 0);
+    const size_t n = Ns.size();
+    if (n < 2 || n > static_cast<size_t>(kMaxFused))
+      Fail(node, op,
+           "attribute 'N' must list 2 to " + std::to_string(kMaxFused) + " weights, got " +
+               std::to_string(n));
+    const auto bits = list("bits", true, n), groups = list("group_size", true, n);
+    const auto scale_bits = list("scale_bits", false, n), supers = list("super_group", false, n);
+    const int64_t layout = IntAttr(info, "layout", false, 0, node, op);
+    const ComputePath path = ReadPath(info, node, op);
+    std::string why;
+    const KernelTable* kernels = SelectKernels(&why);
+    if (!kernels) Fail(node, op, why);
+    if (info.GetInputCount() > 1 + n * kFusedSlots)
+      Fail(node, op,
+           "has " + std::to_string(info.GetInputCount()) + " inputs, at most " +
+               std::to_string(1 + n * kFusedSlots) + " for " + std::to_string(n) + " weights");
+    if (info.GetOutputCount() != n)
+      Fail(node, op,
+           "has " + std::to_string(info.GetOutputCount()) + " outputs, expected one per weight (" +
+               std::to_string(n) + ")");
+
+    weights.resize(n);  // sized once: the plans point into them
+    biases.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const std::string which = op + " weight " + std::to_string(i);
+      fmts.push_back(
+          MakeFormat(K, Ns[i], bits[i], groups[i], layout, scale_bits[i], supers[i], node, which));
+      const size_t first = 1 + i * kFusedSlots;
+      weights[i].Init(info, fmts[i], first, node, which);
+      bool bias_wired = false;
+      const Tensor bias = ConstantInput(info, first + kNumWeight, &bias_wired);
+      if (!weights[i].all_constant || (bias_wired && !bias.present))
+        Fail(node, which, "weights and bias must be constant initializers");
+      if (bias.present) {
+        if (!IsFloat(bias.type) || bias.shape != std::vector<int64_t>{Ns[i]})
+          Fail(node, which,
+               "input 'bias' must be float [" + std::to_string(Ns[i]) + "], got " +
+                   ShapeStr(bias.shape));
+        biases[i] = ToFloat(bias);
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      MatMulPlan p;
+      p.w = MakeView(fmts[i], weights[i].constant, weights[i].derived);
+      p.path = path;
+      p.kernels = kernels;
+      p.blocks = MakeKBlocks(fmts[i], kActBlockMax);
+      p.input_scale =
+          weights[i].derived.input_scale.empty() ? nullptr : weights[i].derived.input_scale.data();
+      p.bias = biases[i].empty() ? nullptr : biases[i].data();
+      plans.push_back(std::move(p));
+    }
+  }
+
+  void Compute(OrtKernelContext* raw_ctx) const {
+    Ort::KernelContext ctx(raw_ctx);
+    int64_t M = 0;
+    const Tensor a = CheckedA(ctx, K, node, "QxMultiMatMul", &M);
+    const size_t n = plans.size();
+    std::vector<const MatMulPlan*> run(n);
+    std::vector<void*> ys(n);
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<int64_t> shape = a.shape;
+      shape.back() = fmts[i].N;
+      ys[i] = ctx.GetOutput(i, shape.data(), shape.size()).GetTensorMutableRawData();
+      run[i] = &plans[i];
+    }
+    if (M == 0) return;
+    RunMatMuls(run.data(), static_cast<int>(n), a.data, ElemOf(a), M, ys.data(),
+               OrtParallelFor(raw_ctx));
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) const {
+    return Guard([&] { Compute(ctx); });
   }
 };
 
@@ -446,14 +587,16 @@ struct GatherKernel {
 // Op schemas.
 OrtStatusPtr InferMatMulShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
 OrtStatusPtr InferGatherShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
+OrtStatusPtr InferMultiShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
 
 template <typename Kernel>
 struct OpBase : Ort::CustomOpBase<OpBase<Kernel>, Kernel, true> {
   const char* name;
-  size_t n_inputs;
-  OpBase(const char* op_name, size_t inputs, OrtStatusPtr (*infer)(const OrtCustomOp*,
-                                                                     OrtShapeInferContext*))
-      : name(op_name), n_inputs(inputs) {
+  size_t n_inputs, n_outputs, required_outputs;
+  OpBase(const char* op_name, size_t inputs,
+         OrtStatusPtr (*infer)(const OrtCustomOp*, OrtShapeInferContext*), size_t outputs = 1,
+         size_t required = 1)
+      : name(op_name), n_inputs(inputs), n_outputs(outputs), required_outputs(required) {
     this->InferOutputShapeFn = infer;
   }
   const char* GetName() const { return name; }
@@ -465,17 +608,22 @@ struct OpBase : Ort::CustomOpBase<OpBase<Kernel>, Kernel, true> {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    // input 0 (A / indices), B and scales are required; the rest optional
+    // input 0 (A / indices), B and scales (of the first weight) are required; the rest optional
     return i <= 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  size_t GetOutputTypeCount() const { return n_outputs; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i < required_outputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
   ONNXTensorElementDataType GetOutputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   }
 };
 
-// Output = input 0's shape with its last dim replaced by N (QxMatMul) or K appended (QxGather).
-OrtStatusPtr InferShape(OrtShapeInferContext* ctx, bool gather) {
+// Output = input 0's shape with its last dim replaced by N (QxMatMul; QxMultiMatMul: output i
+// by N[i]) or K appended (QxGather).
+enum class ShapeRule { kMatMul, kGather, kMulti };
+OrtStatusPtr InferShape(OrtShapeInferContext* ctx, ShapeRule rule) {
   return Guard([&] {
     // The context owns `in`: read it through the C API, never release it.
     OrtTensorTypeAndShapeInfo* in = nullptr;
@@ -506,44 +654,77 @@ OrtStatusPtr InferShape(OrtShapeInferContext* ctx, bool gather) {
       }
       return v;
     };
-    if (gather) {
+    auto attr_ints = [&](const char* name) {
+      std::vector<int64_t> v(kMaxFused);
+      const OrtOpAttr* attr = nullptr;
+      OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, name, &attr);
+      size_t size = 0;
+      if (!st && attr)
+        st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INTS, v.data(), v.size() * sizeof v[0], &size);
+      if (st || !attr) {  // absent or too long: the kernel's creation names the problem
+        if (st) g_api->ReleaseStatus(st);
+        return std::vector<int64_t>{};
+      }
+      v.resize(size / sizeof v[0]);
+      return v;
+    };
+    // the last dim of each output: K appended (gather), or N (one output) / N[i] replacing A's
+    std::vector<int64_t> lasts;
+    if (rule == ShapeRule::kGather) {
       dims.push_back(attr_int("K", -1));
       sym.push_back("");
       type = static_cast<ONNXTensorElementDataType>(attr_int("dtype", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
-    } else if (!dims.empty()) {
-      dims.back() = attr_int("N", -1);
-      sym.back() = "";
+      lasts.push_back(dims.back());
+    } else if (rule == ShapeRule::kMatMul) {
+      lasts.push_back(attr_int("N", -1));
+    } else {
+      lasts = attr_ints("N");
+      if (lasts.size() < 2)  // the outputs past N's length would have no type
+        throw OpError{"QxMultiMatMul: attribute 'N' must list 2 to " + std::to_string(kMaxFused) +
+                      " weights, got " + std::to_string(lasts.size())};
     }
-    OrtTensorTypeAndShapeInfo* out = nullptr;
-    Ort::ThrowOnError(g_api->CreateTensorTypeAndShapeInfo(&out));
-    Ort::TensorTypeAndShapeInfo holder(out);
-    Ort::ThrowOnError(g_api->SetTensorElementType(out, type));
-    Ort::ThrowOnError(g_api->SetDimensions(out, dims.data(), dims.size()));
-    // An unknown dim must carry a name: ORT would store a nameless -1 as a literal -1, which
-    // later shape arithmetic (Shape -> Concat -> Reshape) mistakes for a real value. Each gets
-    // a fresh name, so no two unknown dims are claimed equal.
-    static std::atomic<uint64_t> fresh{0};
-    std::vector<std::string> names(dims.size());
-    for (size_t i = 0; i < dims.size(); ++i) {
-      if (sym[i] && *sym[i]) continue;
-      if (dims[i] < 0) names[i] = "quantx_unk_" + std::to_string(fresh.fetch_add(1));
-      sym[i] = names[i].c_str();
+    for (size_t o = 0; o < lasts.size(); ++o) {
+      if (!dims.empty()) {
+        dims.back() = lasts[o];
+        sym.back() = "";
+      }
+      OrtTensorTypeAndShapeInfo* out = nullptr;
+      Ort::ThrowOnError(g_api->CreateTensorTypeAndShapeInfo(&out));
+      Ort::TensorTypeAndShapeInfo holder(out);
+      Ort::ThrowOnError(g_api->SetTensorElementType(out, type));
+      Ort::ThrowOnError(g_api->SetDimensions(out, dims.data(), dims.size()));
+      // An unknown dim must carry a name: ORT would store a nameless -1 as a literal -1, which
+      // later shape arithmetic (Shape -> Concat -> Reshape) mistakes for a real value. Each gets
+      // a fresh name, so no two unknown dims are claimed equal.
+      static std::atomic<uint64_t> fresh{0};
+      std::vector<std::string> names(dims.size());
+      std::vector<const char*> out_sym = sym;
+      for (size_t i = 0; i < dims.size(); ++i) {
+        if (out_sym[i] && *out_sym[i]) continue;
+        if (dims[i] < 0) names[i] = "quantx_unk_" + std::to_string(fresh.fetch_add(1));
+        out_sym[i] = names[i].c_str();
+      }
+      Ort::ThrowOnError(g_api->SetSymbolicDimensions(out, out_sym.data(), out_sym.size()));
+      Ort::ThrowOnError(g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out));
     }
-    Ort::ThrowOnError(g_api->SetSymbolicDimensions(out, sym.data(), sym.size()));
-    Ort::ThrowOnError(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out));
   });
 }
 
 OrtStatusPtr InferMatMulShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
-  return InferShape(ctx, false);
+  return InferShape(ctx, ShapeRule::kMatMul);
 }
 OrtStatusPtr InferGatherShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
-  return InferShape(ctx, true);
+  return InferShape(ctx, ShapeRule::kGather);
+}
+OrtStatusPtr InferMultiShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  return InferShape(ctx, ShapeRule::kMulti);
 }
 
 struct Ops {
   OpBase<MatMulKernel> matmul{"QxMatMul", 1 + kNumWeight + 1, InferMatMulShape};
   OpBase<GatherKernel> gather{"QxGather", 1 + kNumWeight, InferGatherShape};
+  OpBase<MultiMatMulKernel> multi{"QxMultiMatMul", 1 + kMaxFused * kFusedSlots, InferMultiShape,
+                                  kMaxFused, 2};
 };
 
 Ops& GetOps() {
@@ -585,6 +766,7 @@ QX_OPS_EXPORT OrtStatus* ORT_API_CALL QuantxRegisterCustomOps(OrtSessionOptions*
     Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &domain));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.matmul));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.gather));
+    Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.multi));
     // The session options keep the domain; it must outlive every session that uses it, so it is
     // deliberately not released.
     Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
