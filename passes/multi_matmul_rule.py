@@ -1,14 +1,16 @@
 """QxMatMul nodes that read the same activation -> one QxMultiMatMul (q/k/v, gate/up).
 
-At decode (one token) a small matrix costs ONNX Runtime a kernel call and our driver a parallel
-loop, about as long as its arithmetic: SmolLM2's k and v projections (576 x 192) take 14 us
-in the model against 4.5 us in the kernel benchmark (docs/PERF.md). One node for the matrices
-of one input pays that once. Each weight keeps its own format (the bit plan mixes 3 and 4 bits
-inside a layer), its input scale and its bias; the results are those of the separate nodes,
-bit for bit (the same kernels on the same prepared activations).
+At decode (one token) each small matrix costs ONNX Runtime a kernel call and our driver a
+parallel loop: SmolLM2's k and v projections (576 x 192) take 14 us in a profiled model
+against 4.5 us in the kernel benchmark. One node for the matrices of one input pays that once;
+on SmolLM2 that saved 2-4.5 us per removed node, 3-7% of decode (docs/PERF.md). Each weight
+keeps its own format (the bit plan mixes 3 and 4 bits inside a layer), its input scale and its
+bias; the results are those of the separate nodes, bit for bit (the same kernels on the same
+prepared activations).
 
 pattern: 2..MAX_FUSED QxMatMul nodes of one graph whose input A is the same value and whose
-    K, layout and accuracy_level agree, every weight input and bias an initializer.
+    K, layout and accuracy_level agree, every weight input and bias an initializer (a second
+    node over the same weight is left alone: it computes the same result).
 replace: one QxMultiMatMul (docs/FORMAT.md) at the first node's place: A, then per weight
     SLOTS inputs (QxMatMul's inputs 1..7, absent ones empty), list attributes N, bits,
     group_size, scale_bits, super_group; its outputs take the old outputs' names and users. Its

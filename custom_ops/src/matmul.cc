@@ -64,10 +64,6 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
   std::fill(out + f.k_stored(), out + f.k_stored() + kLdaPad, 0.0f);  // the row padding
 }
 
-}  // namespace
-
-namespace {
-
 // One plan's share of a RunMatMuls call: its activations prepared, its work items laid out.
 struct Prepared {
   MatMulArgs args;
