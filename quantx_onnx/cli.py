@@ -187,6 +187,14 @@ def _add_optimize(sub):
         "sign-gradient on the model's KL; slow on a CPU, meant for --device cuda)",
     )
     p.add_argument(
+        "--e2e-text",
+        default=None,
+        metavar="SPEC",
+        help="text the end-to-end step also tunes on, as --calib-text takes it (default: 'self', "
+        "the model's own text, when a decoder calibrates on given text: it keeps the tuning "
+        "from fitting one genre; 'none': the calibration text alone)",
+    )
+    p.add_argument(
         "--block-steps",
         type=int,
         default=0,
@@ -284,6 +292,7 @@ def optimize_config(args):
         uniform=args.uniform,
         e2e_epochs=args.e2e_epochs,
         e2e_rounding=args.e2e_rounding,
+        e2e_text=args.e2e_text,
         block_steps=args.block_steps,
         propagation=args.propagation,
         device=args.device,

@@ -69,6 +69,9 @@ class QuantConfig:
     uniform: bool = False
     e2e_epochs: int | None = None  # end-to-end tuning passes (None: E2E_EPOCHS calibrated)
     e2e_rounding: bool = False  # end-to-end tuning also moves codes by one step (learned)
+    # text the end-to-end step tunes on besides the calibration text: None = "self" (the model's
+    # own text) when a decoder calibrates on given text, else nothing; "none": nothing
+    e2e_text: str | None = None
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     # error propagation: each weight is fitted to the float layer's output on the quantized
     # model's inputs, this fraction of the way (0: off, the default: with end-to-end tuning it

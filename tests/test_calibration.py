@@ -3,6 +3,7 @@ error against round-to-nearest."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -579,3 +580,28 @@ def test_bad_propagation_is_refused_before_any_work(tiny_llama, tmp_path, fields
     with pytest.raises(InputError, match=message):
         optimize(tiny_llama, tmp_path / "q", QuantConfig(**fields))
     assert not (tmp_path / "q").exists()
+
+
+def test_e2e_step_also_tunes_on_own_text_when_calibrating_on_given_text(
+    tiny_with_tokenizer, tmp_path
+):
+    """A decoder with a tokenizer calibrated on given text tunes end to end on that text plus
+    64 windows of its own (the default); --e2e-text none keeps the given text alone, and a
+    self-calibrated run adds nothing."""
+    from quantx_onnx.pipeline import e2e_extra_text
+
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).integers(0, 320, (4, 32)))
+    cfg = QuantConfig(bits=3, calib=str(tmp_path / "calib.npy"), e2e_epochs=1, uniform=True)
+    mixed = optimize(tiny_with_tokenizer, tmp_path / "mixed", cfg).tuning
+    alone = optimize(
+        tiny_with_tokenizer, tmp_path / "alone", dataclasses.replace(cfg, e2e_text="none")
+    ).tuning
+    assert mixed["extra_text"] == {"source": "self", "batches": 16}
+    assert "extra_text" not in alone
+    assert mixed["steps"] == alone["steps"] + 16
+    model = ir.load(str(tiny_with_tokenizer / "model.onnx"))
+    assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="self")) is None
+    assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="a.txt+self")) is None
+    assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="<feeds>")) is None
+    given = QuantConfig(calib="a.txt", e2e_text="b.txt")
+    assert e2e_extra_text(model, tiny_with_tokenizer, given) == "b.txt"
