@@ -221,6 +221,17 @@ def _sensitivity_feeds(feeds: list[dict]) -> list[dict]:
     return taken
 
 
+def _kept(shared: dict | None, key: str, make):
+    """``shared[key]``, made by ``make()`` the first time. ``shared``: a dict the caller keeps
+    across runs of one model and calibration source (a sweep of budgets); None: made each
+    call."""
+    if shared is None:
+        return make()
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
+
+
 def _plan(
     ir_model, matches, tables, feeds, config, recipe, overrides, layout, progress, shared=None
 ):
@@ -234,10 +245,10 @@ def _plan(
     by_key: dict[WeightKey, list[LinearMatch]] = {}
     for m in matches:
         by_key.setdefault(m.key, []).append(m)
-    sens = None if shared is None else shared.get("sensitivity")
-    if sens is None:
+
+    def sensitivity():
         try:
-            sens = measure(
+            return measure(
                 ir_model,
                 matches,
                 _sensitivity_feeds(feeds),
@@ -246,8 +257,8 @@ def _plan(
             )
         except ValueError as e:
             raise InputError(f"bit allocation: {e} (use --uniform)") from e
-        if shared is not None:
-            shared["sensitivity"] = sens
+
+    sens = _kept(shared, "sensitivity", sensitivity)
     weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
     base, pinned = {}, set()
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
@@ -511,11 +522,11 @@ def optimize(
     phases: dict[str, float] = {}  # seconds per step of the run
     if config.calib:
         clock = time.perf_counter()
-        feeds = None if shared is None else shared.get("feeds")
-        if feeds is None:
-            feeds = calibration_feeds(ir_model, source, config, calib_feeds, progress)
-            if shared is not None:
-                shared["feeds"] = feeds
+        feeds = _kept(
+            shared,
+            "feeds",
+            lambda: calibration_feeds(ir_model, source, config, calib_feeds, progress),
+        )
         phases["calibration data"] = time.perf_counter() - clock
         if config.allocating:
             clock = time.perf_counter()
@@ -563,11 +574,11 @@ def optimize(
             extra_text = e2e_extra_text(ir_model, folder, config)
             extra = []
             if extra_text:  # made once for the runs of a sweep, as the calibration batches
-                extra = None if shared is None else shared.get("e2e_feeds")
-                if extra is None:
-                    extra = _e2e_feeds(ir_model, source, config, extra_text, progress)
-                    if shared is not None:
-                        shared["e2e_feeds"] = extra
+                extra = _kept(
+                    shared,
+                    "e2e_feeds",
+                    lambda: _e2e_feeds(ir_model, source, config, extra_text, progress),
+                )
                 phases["end-to-end text"] = time.perf_counter() - clock
                 clock = time.perf_counter()
             tuning = _tune(ir_model, cache, matches, feeds + extra, config, progress)
