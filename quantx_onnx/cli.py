@@ -195,6 +195,15 @@ def _add_optimize(sub):
         "from fitting one genre; 'none': the calibration text alone)",
     )
     p.add_argument(
+        "--e2e-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows of the --e2e-text text (default: 128 of 256 tokens for the model's own "
+        "text, as --calib-samples would take for given text; more is better on unseen genres "
+        "and slower: docs/ACCURACY.md)",
+    )
+    p.add_argument(
         "--block-steps",
         type=int,
         default=0,
@@ -293,6 +302,7 @@ def optimize_config(args):
         e2e_epochs=args.e2e_epochs,
         e2e_rounding=args.e2e_rounding,
         e2e_text=args.e2e_text,
+        e2e_samples=args.e2e_samples,
         block_steps=args.block_steps,
         propagation=args.propagation,
         device=args.device,

@@ -20,7 +20,7 @@ from .calibration.encoders import default_spec as encoder_spec
 from .calibration.encoders import encoder_defaults, encoder_feeds, is_encoder
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
-from .config import QuantConfig
+from .config import E2E_SELF_SAMPLES, QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout
 from .genai import GenaiReport, write_genai_config
@@ -138,8 +138,8 @@ def e2e_extra_text(model: ir.Model, folder: Path, config: QuantConfig) -> str | 
     """What the end-to-end step tunes on besides the calibration text: ``--e2e-text``, or by
     default the model's own text when a decoder with a tokenizer calibrates on given text.
     Tuned on Wikipedia alone, the step removes 31% of the Wikipedia excess perplexity and 22%
-    of Lee's; with 64 windows of own text beside it, SmolLM2 ends 0.2% lower on Wikipedia and
-    1.4% on Lee (docs/ACCURACY.md)."""
+    of Lee's; with 64 / 128 / 256 windows of own text beside it, SmolLM2 ends 0.2 / 0.3 / 1.0%
+    lower on Wikipedia and 1.4 / 2.6 / 3.0% on Lee (docs/ACCURACY.md)."""
     if config.e2e_text is not None:
         return None if config.e2e_text.lower() == "none" else config.e2e_text
     sources = (config.calib or "").split("+")
@@ -150,8 +150,12 @@ def e2e_extra_text(model: ir.Model, folder: Path, config: QuantConfig) -> str | 
 
 
 def _e2e_feeds(model, source, config: QuantConfig, spec: str, progress) -> list[dict]:
-    """Batches of ``spec`` at its own default size (64 windows of 256 tokens for own text)."""
-    cfg = dataclasses.replace(config, calib=spec, calib_samples=None, calib_seq_len=None)
+    """Batches of ``spec`` at its own default window length: ``--e2e-samples`` windows, else
+    E2E_SELF_SAMPLES for own text and the source's default number for given text."""
+    samples = config.e2e_samples
+    if samples is None and spec == SELF:
+        samples = E2E_SELF_SAMPLES
+    cfg = dataclasses.replace(config, calib=spec, calib_samples=samples, calib_seq_len=None)
     return calibration_feeds(model, source, cfg, progress=progress)
 
 

@@ -586,8 +586,9 @@ def test_e2e_step_also_tunes_on_own_text_when_calibrating_on_given_text(
     tiny_with_tokenizer, tmp_path
 ):
     """A decoder with a tokenizer calibrated on given text tunes end to end on that text plus
-    64 windows of its own (the default); --e2e-text none keeps the given text alone, and a
-    self-calibrated run adds nothing."""
+    128 windows of its own (the default; --e2e-samples sets how many); --e2e-text none keeps the
+    given text alone, and a self-calibrated run adds nothing."""
+    from quantx_onnx.errors import InputError
     from quantx_onnx.pipeline import e2e_extra_text
 
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).integers(0, 320, (4, 32)))
@@ -596,9 +597,17 @@ def test_e2e_step_also_tunes_on_own_text_when_calibrating_on_given_text(
     alone = optimize(
         tiny_with_tokenizer, tmp_path / "alone", dataclasses.replace(cfg, e2e_text="none")
     ).tuning
-    assert mixed["extra_text"] == {"source": "self", "batches": 16}
+    assert mixed["extra_text"] == {"source": "self", "batches": 32}
     assert "extra_text" not in alone
-    assert mixed["steps"] == alone["steps"] + 16
+    assert mixed["steps"] == alone["steps"] + 32
+    fewer = optimize(
+        tiny_with_tokenizer, tmp_path / "fewer", dataclasses.replace(cfg, e2e_samples=8)
+    ).tuning
+    assert fewer["extra_text"] == {"source": "self", "batches": 2}
+    assert fewer["steps"] == alone["steps"] + 2
+    with pytest.raises(InputError, match="--e2e-samples 0: must be >= 1"):
+        optimize(tiny_with_tokenizer, tmp_path / "none", dataclasses.replace(cfg, e2e_samples=0))
+    assert not (tmp_path / "none").exists()
     model = ir.load(str(tiny_with_tokenizer / "model.onnx"))
     assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="self")) is None
     assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="a.txt+self")) is None
