@@ -201,7 +201,7 @@ def _add_optimize(sub):
         metavar="N",
         help="windows of the --e2e-text text (default: 128 of 256 tokens for the model's own "
         "text, as --calib-samples would take for given text; more is better on unseen genres "
-        "and slower: docs/ACCURACY.md)",
+        "and slower: docs/ACCURACY.md; no effect where the step has no --e2e-text)",
     )
     p.add_argument(
         "--block-steps",

@@ -29,11 +29,11 @@ CALIB_BATCH_TOKENS = 2048  # tokens per calibration batch by default (4 windows 
 SELF_SAMPLES = 64
 SELF_SEQ_LEN = 256
 TEXT_SAMPLES = 64  # windows of real text by default
+TEXT_SEQ_LEN = 512
 # Own-text windows the end-to-end step adds to given calibration text (--e2e-samples): on
 # SmolLM2 calibrated on Wikipedia, 64 / 128 / 256 gave Lee 36.20 / 35.78 / 35.61 for
 # 868 / 914 / 1278 s (docs/ACCURACY.md); 128 is the cheap part of that gain
 E2E_SELF_SAMPLES = 128
-TEXT_SEQ_LEN = 512
 
 
 @dataclasses.dataclass

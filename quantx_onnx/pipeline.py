@@ -138,7 +138,7 @@ def e2e_extra_text(model: ir.Model, folder: Path, config: QuantConfig) -> str | 
     """What the end-to-end step tunes on besides the calibration text: ``--e2e-text``, or by
     default the model's own text when a decoder with a tokenizer calibrates on given text.
     Tuned on Wikipedia alone, the step removes 31% of the Wikipedia excess perplexity and 22%
-    of Lee's; with 64 / 128 / 256 windows of own text beside it, SmolLM2 ends 0.2 / 0.3 / 1.0%
+    of Lee's; with 64 / 128 / 256 windows of own text beside it, SmolLM2 ends 0.2 / 0.4 / 1.0%
     lower on Wikipedia and 1.4 / 2.6 / 3.0% on Lee (docs/ACCURACY.md)."""
     if config.e2e_text is not None:
         return None if config.e2e_text.lower() == "none" else config.e2e_text
