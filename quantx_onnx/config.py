@@ -31,8 +31,8 @@ SELF_SEQ_LEN = 256
 TEXT_SAMPLES = 64  # windows of real text by default
 TEXT_SEQ_LEN = 512
 # Own-text windows the end-to-end step adds to given calibration text (--e2e-samples): on
-# SmolLM2 calibrated on Wikipedia, 64 / 128 / 256 gave Lee 36.20 / 35.78 / 35.61 for
-# 868 / 914 / 1278 s (docs/ACCURACY.md); 128 is the cheap part of that gain
+# SmolLM2 calibrated on Wikipedia, 64 / 128 / 256 gave Lee 36.20 / 35.78 / 35.61, own text
+# and tuning taking 442 / 624 / 972 s (docs/ACCURACY.md); 128 is the cheap part of that gain
 E2E_SELF_SAMPLES = 128
 
 
