@@ -204,6 +204,15 @@ def _add_optimize(sub):
         "and slower: docs/ACCURACY.md; no effect where the step has no --e2e-text)",
     )
     p.add_argument(
+        "--e2e-span",
+        type=int,
+        default=None,
+        metavar="K",
+        help="input channels each tuned scale multiplier of a column covers, rounded up to "
+        "the format's scale blocks (default 256 for decoders: one per super-scale of the "
+        "default groups of 32; 0: one per column, the default for encoders)",
+    )
+    p.add_argument(
         "--block-steps",
         type=int,
         default=0,
@@ -256,6 +265,13 @@ def _add_optimize(sub):
     )
     p.add_argument("--threads", type=int, default=None, help="ORT threads for calibration")
     p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the calibration's random draws (the model's own text, the order of the "
+        "tuning batches): another seed, another equally good draw",
+    )
+    p.add_argument(
         "--no-fuse-attention",
         action="store_true",
         help="keep the exported attention ops (default: one GroupQueryAttention per layer)",
@@ -294,6 +310,7 @@ def optimize_config(args):
         hessian=args.hessian,
         report=args.report,
         threads=args.threads,
+        seed=args.seed,
         overrides=tuple(args.override),
         data_free=args.data_free,
         budget_bpw=args.budget_bpw,
@@ -303,6 +320,7 @@ def optimize_config(args):
         e2e_rounding=args.e2e_rounding,
         e2e_text=args.e2e_text,
         e2e_samples=args.e2e_samples,
+        e2e_span=args.e2e_span,
         block_steps=args.block_steps,
         propagation=args.propagation,
         device=args.device,

@@ -21,6 +21,10 @@ DATA_FREE_GROUP = (64, 0, 8)
 # alone costs ~4.6). The allocator spends it where the measured sensitivity says.
 BUDGET_MARGIN_BITS = 0.7
 E2E_EPOCHS = 1  # default end-to-end tuning passes over the calibration batches (2: no better)
+# Input channels one tuned scale multiplier covers in a decoder's end-to-end step (a super-scale
+# block of the default format), not whole columns: lower perplexity on both held-out texts in
+# every SmolLM2 comparison, for 25-35% more tuning time (docs/ACCURACY.md)
+E2E_SPAN = 256
 
 
 CALIB_BATCH_TOKENS = 2048  # tokens per calibration batch by default (4 windows of 512)
@@ -77,6 +81,10 @@ class QuantConfig:
     # own text) when a decoder calibrates on given text, else nothing; "none": nothing
     e2e_text: str | None = None
     e2e_samples: int | None = None  # windows of that text (None: E2E_SELF_SAMPLES for own text)
+    # input channels one tuned scale multiplier covers (0: a whole column), rounded up to the
+    # format's top-level scale blocks (calibration/e2e.py, scale_span); None: E2E_SPAN for
+    # decoders, whole columns for encoders (not measured there)
+    e2e_span: int | None = None
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     # error propagation: each weight is fitted to the float layer's output on the quantized
     # model's inputs, this fraction of the way (0: off, the default: with end-to-end tuning it
@@ -202,6 +210,8 @@ class QuantConfig:
             raise InputError("--calib-samples >= 1, --calib-seq-len >= 2 and batch >= 1 required")
         if self.e2e_samples is not None and self.e2e_samples < 1:
             raise InputError(f"--e2e-samples {self.e2e_samples}: must be >= 1")
+        if self.e2e_span is not None and self.e2e_span < 0:
+            raise InputError(f"--e2e-span {self.e2e_span}: must be >= 0 (0: whole columns)")
         if self.hessian not in ("norm", "plain"):
             raise InputError(f"--hessian {self.hessian!r}: choose norm or plain")
         if self.embedding_bits not in (None, 0, *SUPPORTED_BITS):

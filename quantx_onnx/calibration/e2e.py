@@ -8,7 +8,10 @@ Adam on KL(float model || quantized model) over the calibration batches, for eve
 weight ``W_hat[K, N]`` the rank-one correction ``diag(r) W_hat diag(c)``:
 
 - ``c[N]``, one multiplier per output column, folded into that column's stored scales (the
-  fp16 scales, or the super-scales of hierarchical formats);
+  fp16 scales, or the super-scales of hierarchical formats); with ``span`` (a decoder's
+  default, 256), ``c[N, B]``: one per column and block of ``span`` input channels, rounded up
+  to whole top-level scales (one super-scale of the default groups of 32), so each still folds
+  into stored scales;
 - ``r[K]``, one multiplier per input channel, folded into the weight's ``input_scale``
   (docs/FORMAT.md; K fp16 values more per matrix, < 0.03 bits per weight), when
   ``input_channels`` is on;
@@ -23,8 +26,9 @@ gradients passed straight through the rounding, as AutoRound does per block; her
 model's output). Zero points stay as quantized, so the format and (but for ``input_scale``) the
 size do not change.
 
-Cost: the multipliers act on each node's input and output (``y = ((x * r) @ W_hat) * c``), so
-the backward pass needs no weight gradients; the float model's log-probabilities are computed
+Cost: whole-column multipliers act on each node's input and output (``y = ((x * r) @ W_hat) *
+c``), so the backward pass needs no weight gradients (block multipliers scale ``W_hat`` itself
+and do: 25-35% more time on SmolLM2); the float model's log-probabilities are computed
 once per batch and kept (up to ``TEACHER_CACHE_BYTES``). One step is then about a forward and
 an input-gradient pass of the model on one calibration batch.
 """
@@ -55,26 +59,53 @@ class EndToEndReport:
     kl_first: float
     kl_last: float
     float_parameters: int  # 1-D float parameters tuned
-    columns: int  # column multipliers tuned
+    columns: int  # scale multipliers tuned (one per column, or per column and block of span)
     input_channels: int  # input-channel multipliers tuned
     codes_moved: int  # codes moved by learned rounding (``rounding``), of ``codes_tuned``
     codes_tuned: int
     seconds: float
     device: str
     loss: str = "kl"  # "kl" (decoder logits) or "output error" (encoder outputs)
+    span: int = 0  # input channels asked per scale multiplier (0: whole columns)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def scale_columns(q: QuantizedWeight, c: np.ndarray) -> QuantizedWeight:
-    """``q`` with column n's scales multiplied by ``c[n]``, rounded to the stored form."""
-    c = np.asarray(c, np.float32)[:, None]
+def scale_span(q: QuantizedWeight, span: int) -> int:
+    """Input channels one multiplier of a column covers when ``span`` input channels are
+    asked for (0: the whole column): a whole number of the format's top-level scales (the
+    super-scales of hierarchical formats, else the group scales), so that every multiplier
+    folds into stored scales, and at least ``span``."""
+    f = q.fmt
+    unit = f.group * (f.super_group if f.hierarchical else 1)
+    if span <= 0 or span >= f.K:
+        return f.K
+    return min(f.K, unit * -(-span // unit))
+
+
+def scale_columns(q: QuantizedWeight, c: np.ndarray, span: int | None = None) -> QuantizedWeight:
+    """``q`` with column n's scales multiplied by ``c[n]``, rounded to the stored form; with
+    ``c[N, B]`` and ``span`` (from :func:`scale_span`), the scales of input channels
+    ``b * span .. (b + 1) * span - 1`` of column n by ``c[n, b]``."""
+    c = np.asarray(c, np.float32)
+    c = c[:, None] if c.ndim == 1 else c
+    f = q.fmt
     if q.fmt.hierarchical:
-        sup = round_scales(q.super_scales * c, q.scale_dtype)
+        first_k = np.arange(f.n_super) * f.group * f.super_group
+        sup = round_scales(q.super_scales * _per_block(c, first_k, span), q.scale_dtype)
         scales = hierarchical_scales(sup, q.sub_scales, q.fmt.super_group)
         return dataclasses.replace(q, super_scales=sup, scales=scales)
-    return dataclasses.replace(q, scales=round_scales(q.scales * c, q.scale_dtype))
+    first_k = np.arange(f.n_groups) * f.group
+    scales = round_scales(q.scales * _per_block(c, first_k, span), q.scale_dtype)
+    return dataclasses.replace(q, scales=scales)
+
+
+def _per_block(c: np.ndarray, first_k: np.ndarray, span: int | None) -> np.ndarray:
+    """The multiplier of each stored scale whose group starts at input channel ``first_k``."""
+    if c.shape[1] == 1:
+        return c
+    return c[:, first_k // span]
 
 
 def scale_inputs(q: QuantizedWeight, r: np.ndarray) -> QuantizedWeight:
@@ -221,22 +252,27 @@ def tuning_step(torch, loss, opt, multipliers, rounders, lr, step, steps) -> Non
                 r.offset.sub_(1.5 / steps * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
 
 
-def _node_wrapper(m: LinearMatch, c, r):
-    """The function run in place of ``m``'s node: its weight read as diag(r) W diag(c)."""
+def _node_wrapper(m: LinearMatch, c, r, k_block=None):
+    """The function run in place of ``m``'s node: its weight read as diag(r) W diag(c); with
+    block multipliers (``c[N, B]``, ``k_block[k]`` the block of input channel k) W[k, n] is
+    multiplied by ``c[n, k_block[k]]`` instead."""
     if m.rule == "gather":  # rows of E = W^T: row n scaled by c[n], channel k by r[k]
 
         def gather(op, args, attrs):
             rows = op(args, attrs)[0]
             idx = args[1].long() % c.shape[0]
-            rows = rows * c[idx][..., None]
+            rows = rows * (c[idx][..., None] if k_block is None else c[idx][..., k_block])
             return [rows * r if r is not None else rows]
 
         return gather
 
     def linear(op, args, attrs):
         x = args[0] * r if r is not None else args[0]
-        rest = [x, *args[1:2]]
-        y = op(rest, attrs)[0] * c  # Gemm: alpha * A @ B; its bias is added after
+        if k_block is None:
+            y = op([x, args[1]], attrs)[0] * c  # Gemm: alpha * A @ B; its bias is added after
+        else:  # the weight input itself scaled: [K, N] (MatMul, Gemm), [N, K] (Gemm transB)
+            per_nk = c[:, k_block]
+            y = op([x, args[1] * (per_nk if attrs.get("transB", 0) else per_nk.T)], attrs)[0]
         if len(args) > 2 and args[2] is not None:
             y = y + attrs.get("beta", 1.0) * args[2]
         return [y]
@@ -254,6 +290,7 @@ def tune_end_to_end(
     lr: float = 2e-3,
     input_channels: bool = True,
     rounding: bool = False,
+    span: int = 0,
     device: str = "cpu",
     seed: int = 0,
     progress=None,
@@ -271,17 +308,24 @@ def tune_end_to_end(
 
     # quantized weights as seen by the graph: dequantized, in the initializer's orientation
     frozen = {}
-    columns, rows = {}, {}
+    columns, rows, spans, k_blocks = {}, {}, {}, {}
     for key, q in weights.items():
         w = dequantize(q) / np.float32(key.alpha)
         frozen[key.initializer] = torch.from_numpy(
             np.ascontiguousarray(w.T if key.transposed else w)
         ).to(dev)
-        columns[key] = torch.ones(q.fmt.N, device=dev, requires_grad=True)
+        spans[key] = scale_span(q, span)
+        blocks = -(-q.fmt.K // spans[key])
+        shape = (q.fmt.N,) if blocks == 1 else (q.fmt.N, blocks)
+        columns[key] = torch.ones(shape, device=dev, requires_grad=True)
+        if blocks > 1:
+            k_blocks[key] = torch.arange(q.fmt.K, device=dev) // spans[key]
         if input_channels:
             rows[key] = torch.ones(q.fmt.K, device=dev, requires_grad=True)
     wrap = {
-        m.node.outputs[0].name: _node_wrapper(m, columns[m.key], rows.get(m.key))
+        m.node.outputs[0].name: _node_wrapper(
+            m, columns[m.key], rows.get(m.key), k_blocks.get(m.key)
+        )
         for m in matches
         if m.key in weights
     }
@@ -335,7 +379,7 @@ def tune_end_to_end(
             before = q.codes
             q = rounders[key.initializer].tuned()
             moved += int(np.count_nonzero(q.codes != before))
-        q = scale_columns(q, columns[key].detach().cpu().numpy())
+        q = scale_columns(q, columns[key].detach().cpu().numpy(), spans[key])
         if key in rows:
             q = scale_inputs(q, rows[key].detach().cpu().numpy())
         tuned[key] = q
@@ -356,5 +400,6 @@ def tune_end_to_end(
         seconds=time.perf_counter() - start,
         device=str(dev),
         loss=model_loss.kind,
+        span=span,
     )
     return tuned, new_floats, report
