@@ -268,8 +268,9 @@ def _add_optimize(sub):
         "--seed",
         type=int,
         default=0,
-        help="seed of the calibration's random draws (the model's own text, the order of the "
-        "tuning batches): another seed, another equally good draw",
+        help="seed of the calibration's random draws (the model's own text, the windows taken "
+        "from given text, the order of the tuning batches): another seed, another equally "
+        "good draw",
     )
     p.add_argument(
         "--no-fuse-attention",
