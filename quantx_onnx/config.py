@@ -23,7 +23,7 @@ BUDGET_MARGIN_BITS = 0.7
 E2E_EPOCHS = 1  # default end-to-end tuning passes over the calibration batches (2: no better)
 # Input channels one tuned scale multiplier covers in a decoder's end-to-end step (a super-scale
 # block of the default format), not whole columns: lower perplexity on both held-out texts in
-# every SmolLM2 comparison, for 25-35% more tuning time (docs/ACCURACY.md)
+# every SmolLM2 comparison, for 24-36% more tuning time on a CPU (docs/ACCURACY.md)
 E2E_SPAN = 256
 
 

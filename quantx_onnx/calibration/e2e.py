@@ -28,7 +28,7 @@ size do not change.
 
 Cost: whole-column multipliers act on each node's input and output (``y = ((x * r) @ W_hat) *
 c``), so the backward pass needs no weight gradients (block multipliers scale ``W_hat`` itself
-and do: 25-35% more time on SmolLM2); the float model's log-probabilities are computed
+and do: 24-36% more time on SmolLM2 on a CPU); the float model's log-probabilities are computed
 once per batch and kept (up to ``TEACHER_CACHE_BYTES``). One step is then about a forward and
 an input-gradient pass of the model on one calibration batch.
 """
