@@ -82,8 +82,8 @@ class QuantConfig:
     e2e_text: str | None = None
     e2e_samples: int | None = None  # windows of that text (None: E2E_SELF_SAMPLES for own text)
     # input channels one tuned scale multiplier covers (0: a whole column), rounded up to the
-    # format's top-level scale blocks (calibration/e2e.py, scale_span); None: E2E_SPAN for
-    # decoders, whole columns for encoders (not measured there)
+    # format's top-level scale blocks (calibration/e2e.py, scale_span); None: E2E_SPAN, but
+    # whole columns for encoders (encoder_defaults: not measured there)
     e2e_span: int | None = None
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     # error propagation: each weight is fitted to the float layer's output on the quantized
@@ -169,6 +169,8 @@ class QuantConfig:
             fields["scale_bits"] = 0
         if self.e2e_epochs is None:
             fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
+        if self.e2e_span is None:  # encoders got 0 from encoder_defaults
+            fields["e2e_span"] = E2E_SPAN
         if self.plan_search is None:
             fields["plan_search"] = any(
                 v is not None for v in (self.budget_bpw, self.budget_mb, self.speedup)

@@ -20,7 +20,7 @@ from .calibration.encoders import default_spec as encoder_spec
 from .calibration.encoders import encoder_defaults, encoder_feeds, is_encoder
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
-from .config import E2E_SELF_SAMPLES, E2E_SPAN, QuantConfig
+from .config import E2E_SELF_SAMPLES, QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout
 from .genai import GenaiReport, write_genai_config
@@ -387,14 +387,6 @@ def _tunes_input_channels(
     return 8 * _input_scale_bytes(shapes) <= INPUT_SCALE_MAX_BPW * total
 
 
-def _e2e_span(config: QuantConfig, encoder: bool) -> int:
-    """Input channels per tuned scale multiplier: --e2e-span, else E2E_SPAN for decoders and
-    whole columns (0) for encoders, where blocks were not measured."""
-    if config.e2e_span is not None:
-        return config.e2e_span
-    return 0 if encoder else E2E_SPAN
-
-
 def _refiner(ir_model, config):
     """Block reconstruction of each decoder layer after its GPTQ pass (``--block-steps``)."""
     if not config.block_steps or not config.calibrated:
@@ -429,7 +421,7 @@ def _tune(ir_model, cache, matches, feeds, config, progress) -> dict:
             feeds,
             epochs=config.e2e_epochs,
             rounding=config.e2e_rounding,
-            span=_e2e_span(config, is_encoder(ir_model)),
+            span=config.e2e_span,
             input_channels=_tunes_input_channels(
                 [(q.fmt.K, q.fmt.N) for q in cache.values()], config, is_encoder(ir_model)
             ),

@@ -675,6 +675,7 @@ def test_seed_and_e2e_span_reach_the_config_from_the_command_line(tmp_path):
         return optimize_config(build_parser().parse_args(["optimize", "m.onnx", *extra]))
 
     assert (config().seed, config().e2e_span) == (0, None)  # None: 256 for decoders
+    assert QuantConfig(calib="self").resolved().e2e_span == 256
     assert config("--seed", "3").seed == 3
     assert config("--e2e-span", "0").e2e_span == 0
     from quantx_onnx.errors import InputError

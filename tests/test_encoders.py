@@ -355,6 +355,7 @@ def test_end_to_end_tuning_of_an_encoder_lowers_held_out_output_error(vision, tm
     assert reps[0].tuning is None
     assert tuning["loss"] == "output error" and tuning["steps"] == 8 * 4, tuning
     assert tuning["input_channels"] == 0 and tuning["columns"] > 0, tuning  # no size change
+    assert tuning["span"] == 0 and reps[8].config.e2e_span == 0  # whole columns for encoders
     assert tuning["kl_last"] < tuning["kl_first"], tuning
     assert errs[8] < errs[0], errs
     assert_means_its_reference(tmp_path / "8.onnx", held_out[0])

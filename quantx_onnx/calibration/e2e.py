@@ -91,10 +91,10 @@ def scale_columns(q: QuantizedWeight, c: np.ndarray, span: int | None = None) ->
     c = np.asarray(c, np.float32)
     c = c[:, None] if c.ndim == 1 else c
     f = q.fmt
-    if q.fmt.hierarchical:
+    if f.hierarchical:
         first_k = np.arange(f.n_super) * f.group * f.super_group
         sup = round_scales(q.super_scales * _per_block(c, first_k, span), q.scale_dtype)
-        scales = hierarchical_scales(sup, q.sub_scales, q.fmt.super_group)
+        scales = hierarchical_scales(sup, q.sub_scales, f.super_group)
         return dataclasses.replace(q, super_scales=sup, scales=scales)
     first_k = np.arange(f.n_groups) * f.group
     scales = round_scales(q.scales * _per_block(c, first_k, span), q.scale_dtype)

@@ -222,4 +222,6 @@ def encoder_defaults(model: ir.Model, config):
         fields["uniform"] = True
     if config.e2e_epochs is None:
         fields["e2e_epochs"] = 0
+    if config.e2e_span is None:  # blocks of input channels were measured on decoders only
+        fields["e2e_span"] = 0
     return dataclasses.replace(config, **fields)
