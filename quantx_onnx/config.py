@@ -32,6 +32,9 @@ CALIB_BATCH_TOKENS = 2048  # tokens per calibration batch by default (4 windows 
 # generation; two seeds: -1.7% Wikipedia, -1.1% Lee perplexity; docs/ACCURACY.md)
 SELF_SAMPLES = 64
 SELF_SEQ_LEN = 256
+# ... each cut from a document after its first SELF_SKIP tokens (separator, drawn word and the
+# first generated ones), so windows start mid-text as real text's do (docs/ACCURACY.md)
+SELF_SKIP = 16
 TEXT_SAMPLES = 64  # windows of real text by default
 TEXT_SEQ_LEN = 512
 # Own-text windows the end-to-end step adds to given calibration text (--e2e-samples): on

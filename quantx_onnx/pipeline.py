@@ -20,7 +20,7 @@ from .calibration.encoders import default_spec as encoder_spec
 from .calibration.encoders import encoder_defaults, encoder_feeds, is_encoder
 from .calibration.feeds import batches, decoder_feeds, token_windows
 from .calibration.selfgen import SELF, generate_windows
-from .config import E2E_SELF_SAMPLES, QuantConfig
+from .config import E2E_SELF_SAMPLES, SELF_SKIP, QuantConfig
 from .errors import InputError, NothingToQuantize
 from .format import Layout
 from .genai import GenaiReport, write_genai_config
@@ -195,6 +195,7 @@ def calibration_feeds(
                     samples,
                     seq_len,
                     seed=config.seed,
+                    skip=SELF_SKIP,
                     threads=config.threads,
                     progress=_bar(progress, "generating calibration text"),
                 )

@@ -367,6 +367,45 @@ def test_end_to_end_tuning_lowers_kl_on_held_out_inputs(tiny_llama, tmp_path):
     assert kl[8] < kl[0], kl
 
 
+def test_end_to_end_tuning_in_bf16_matches_float32(tiny_llama, tmp_path, monkeypatch):
+    """bf16 autocast of the quantized model's forward (the default on CPUs with native bf16,
+    for models of BF16_MIN_WEIGHTS and more; forced here on the tiny Llama): the tuned file
+    still means its numpy reference, and its held-out KL to the float model is within 10% of
+    the float32 tuning's."""
+    from quantx_onnx.calibration import e2e
+
+    sess = quantx_session(tiny_llama / "model.onnx")
+    calib = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
+    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    kl, reports = {}, {}
+    for name, min_weights in (("float32", 10**12), ("bfloat16", 0)):
+        monkeypatch.setattr(e2e, "BF16_MIN_WEIGHTS", min_weights)
+        monkeypatch.setattr(e2e, "native_bf16", lambda: True)
+        cfg = QuantConfig(bits=2, e2e_epochs=8, uniform=True, accuracy_level=0)
+        reports[name] = optimize(tiny_llama, tmp_path / name, cfg, calib_feeds=calib).tuning
+        kl[name] = _kl_to(tiny_llama / "model.onnx", tmp_path / name / "model.onnx", held_out)
+    assert {n: r["precision"] for n, r in reports.items()} == {
+        "float32": "float32",
+        "bfloat16": "bfloat16",
+    }
+    assert reports["bfloat16"]["kl_last"] < 0.95 * reports["bfloat16"]["kl_first"]
+    assert kl["bfloat16"] == pytest.approx(kl["float32"], rel=0.1), kl
+    assert_means_its_reference(tmp_path / "bfloat16" / "model.onnx", held_out[0])
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    from quantx_onnx.calibration.device import native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert native_bf16(str(info))
+    info.write_text("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert native_bf16(str(info))
+    assert not native_bf16(str(tmp_path / "missing"))
+
+
 def test_budget_mb_bounds_the_file(tiny_llama, tmp_path):
     sess = quantx_session(tiny_llama / "model.onnx")
     calib = [llm_feeds(sess, seq=16, batch=2, seed=s) for s in range(3)]

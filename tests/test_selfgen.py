@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from quantx_onnx.calibration.selfgen import generate_windows, sample_rows, window_starts
+from quantx_onnx.errors import InputError
 from quantx_onnx.tokenizer import Tokenizer
 
 
@@ -51,6 +52,19 @@ def test_windows_are_seeded_documents_of_running_text(tiny_with_tokenizer):
     assert len(set(a[:, 1].tolist())) > 1  # windows start on different words
     assert all(re.fullmatch(r" [A-Za-z]{3,}", tok.decode([i])) for i in a[:, 1])
     assert a.max() < 320
+
+
+def test_skip_cuts_each_window_from_further_into_its_document(tiny_with_tokenizer):
+    """``skip`` generates the same documents and drops their first tokens: the windows are
+    the tails of the windows generated without it, and none opens on the separator."""
+    whole = generate_windows(tiny_with_tokenizer, 5, 12, seed=3, batch=2, threads=1)
+    cut = generate_windows(tiny_with_tokenizer, 5, 9, seed=3, batch=2, skip=3, threads=1)
+    assert cut.shape == (5, 9) and cut.flags.c_contiguous
+    assert np.array_equal(cut, whole[:, 3:])
+    separator = Tokenizer(tiny_with_tokenizer).token_id("<|endoftext|>")
+    assert not (cut == separator).any()
+    with pytest.raises(InputError, match="skip >= 0"):
+        generate_windows(tiny_with_tokenizer, 1, 4, skip=-1, threads=1)
 
 
 def test_window_starts_fall_back_to_the_whole_vocabulary(tmp_path):

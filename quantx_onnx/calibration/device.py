@@ -27,3 +27,15 @@ def check_device(device: str) -> str:
             f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)"
         )
     return device
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512_BF16 or AMX on x86 Linux),
+    where torch's bf16 matrix products run 2.3-2.8x faster than fp32 (Zen 4, 2 threads); on
+    other CPUs they are emulated and no faster. False when ``cpuinfo`` cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
