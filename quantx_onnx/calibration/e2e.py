@@ -32,9 +32,9 @@ and do: 24-36% more time on SmolLM2 on a CPU); the float model's log-probabiliti
 once per batch and kept (up to ``TEACHER_CACHE_BYTES``). One step is then about a forward and
 an input-gradient pass of the model on one calibration batch. On a CPU with native bf16 dot
 products (AVX512_BF16, AMX) the quantized model's forward runs under bf16 autocast (matrix
-products in bf16, the residual stream, norms and the loss in fp32; the float model's targets
-stay fp32): SmolLM2's tuning took 146 s instead of 184 s on 2 Zen 4 cores, at the same
-perplexity (docs/ACCURACY.md).
+products, attention's included, in bf16; the residual stream, the norms and the loss in fp32,
+as are the float model's targets): SmolLM2's tuning took 146 s instead of 184 s on 2 Zen 4
+cores, at the same perplexity (docs/ACCURACY.md).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from .device import native_bf16
 from .torch_graph import TorchStage
 
 MULTIPLIER_RANGE = (0.5, 2.0)  # a multiplier is a correction, never a sign flip
-# bf16 autocast by default only from this many quantized weights: below it the products are
-# too small to gain, and bf16's rounding would be a large part of a tiny model's small KL
+# bf16 autocast by default only from this many quantized weights: smaller products gain
+# little, and bf16 was measured on SmolLM2 (135M) only
 BF16_MIN_WEIGHTS = 10_000_000
 TEACHER_CACHE_BYTES = 3e9  # float-model log-probs kept in memory (fp16) up to this size
 
