@@ -348,12 +348,19 @@ def test_data_free_keeps_round_to_nearest(tiny_with_tokenizer, tmp_path):
     }
 
 
+def _tuning_feeds(model_dir):
+    """Calibration batches (6 x 4 windows of 32 tokens) and held-out ones (3 x 4) for the
+    end-to-end tests on a tiny decoder."""
+    sess = quantx_session(model_dir / "model.onnx")
+    calib = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
+    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    return calib, held_out
+
+
 def test_end_to_end_tuning_lowers_kl_on_held_out_inputs(tiny_llama, tmp_path):
     """On a random tiny model the gain is small (its errors are noise-like; on SmolLM2 it is
     large, docs/ACCURACY.md), but it must be there on inputs never tuned on."""
-    sess = quantx_session(tiny_llama / "model.onnx")
-    calib = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
-    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    calib, held_out = _tuning_feeds(tiny_llama)
     kl, reports = {}, {}
     for epochs in (0, 8):
         cfg = QuantConfig(bits=2, e2e_epochs=epochs, uniform=True)
@@ -374,13 +381,11 @@ def test_end_to_end_tuning_in_bf16_matches_float32(tiny_llama, tmp_path, monkeyp
     the float32 tuning's."""
     from quantx_onnx.calibration import e2e
 
-    sess = quantx_session(tiny_llama / "model.onnx")
-    calib = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
-    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    calib, held_out = _tuning_feeds(tiny_llama)
     kl, reports = {}, {}
+    monkeypatch.setattr(e2e, "native_bf16", lambda: True)
     for name, min_weights in (("float32", 10**12), ("bfloat16", 0)):
         monkeypatch.setattr(e2e, "BF16_MIN_WEIGHTS", min_weights)
-        monkeypatch.setattr(e2e, "native_bf16", lambda: True)
         cfg = QuantConfig(bits=2, e2e_epochs=8, uniform=True, accuracy_level=0)
         reports[name] = optimize(tiny_llama, tmp_path / name, cfg, calib_feeds=calib).tuning
         kl[name] = _kl_to(tiny_llama / "model.onnx", tmp_path / name / "model.onnx", held_out)
@@ -660,15 +665,18 @@ def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(tiny_llama
     column. The blocks follow the format's scale groups, so the file keeps its format and size
     and means exactly what its numpy reference says; the held-out KL is no worse than with
     whole-column multipliers from the same layer-wise start."""
-    sess = quantx_session(tiny_llama / "model.onnx")
-    calib = [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(6)]
-    held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
+    calib, held_out = _tuning_feeds(tiny_llama)
     kl, reps, sizes = {}, {}, {}
     for span in (0, 32):
         cfg = QuantConfig(
-            bits=2, e2e_epochs=8, uniform=True, group_size=16, scale_bits=0, accuracy_level=0
+            bits=2,
+            e2e_epochs=8,
+            uniform=True,
+            group_size=16,
+            scale_bits=0,
+            accuracy_level=0,
+            e2e_span=span,
         )
-        cfg.e2e_span = span
         out = tmp_path / str(span)
         reps[span] = optimize(tiny_llama, out, cfg, calib_feeds=calib)
         kl[span] = _kl_to(tiny_llama / "model.onnx", out / "model.onnx", held_out)
