@@ -201,7 +201,8 @@ def _add_optimize(sub):
         metavar="N",
         help="windows of the --e2e-text text (default: 128 of 256 tokens for the model's own "
         "text, as --calib-samples would take for given text; more is better on unseen genres "
-        "and slower: docs/ACCURACY.md; no effect where the step has no --e2e-text)",
+        "and slower: docs/ACCURACY.md); when the model's own text is the whole calibration "
+        "and there is no --e2e-text: the first N of its windows (default 64 of the 96)",
     )
     p.add_argument(
         "--e2e-span",

@@ -28,10 +28,15 @@ E2E_SPAN = 256
 
 
 CALIB_BATCH_TOKENS = 2048  # tokens per calibration batch by default (4 windows of 512)
-# Self-generated text: 64 documents of 256 tokens rather than 32 of 512 (same tokens, 20 s less
-# generation; two seeds: -1.7% Wikipedia, -1.1% Lee perplexity; docs/ACCURACY.md)
-SELF_SAMPLES = 64
+# Self-generated text: documents of 256 tokens rather than 512 (at 64 documents: 20 s less
+# generation; two seeds: -1.7% Wikipedia, -1.1% Lee perplexity), 96 of them rather than 64
+# (GPTQ's Hessians on 50% more tokens: -0.3% on both texts over three seeds, one of them worse:
+# small, at the size of the seed spread, and under 80 s)
+SELF_SAMPLES = 96
 SELF_SEQ_LEN = 256
+# ... of which the end-to-end step tunes on the first SELF_TUNED_SAMPLES: tuning on all 96
+# gained nothing (GPTQ on 64, tuning on 96: Lee as with 64) and took 70-100 s longer
+SELF_TUNED_SAMPLES = 64
 # ... each cut from a document after its first SELF_SKIP tokens (separator, drawn word and the
 # first generated ones), so windows start mid-text as real text's do (docs/ACCURACY.md)
 SELF_SKIP = 16
@@ -83,7 +88,10 @@ class QuantConfig:
     # text the end-to-end step tunes on besides the calibration text: None = "self" (the model's
     # own text) when a decoder calibrates on given text, else nothing; "none": nothing
     e2e_text: str | None = None
-    e2e_samples: int | None = None  # windows of that text (None: E2E_SELF_SAMPLES for own text)
+    # windows of that text (None: E2E_SELF_SAMPLES for own text); with the model's own text as
+    # the whole calibration and no --e2e-text: the first windows of it tuned on (None:
+    # SELF_TUNED_SAMPLES)
+    e2e_samples: int | None = None
     # input channels one tuned scale multiplier covers (0: a whole column), rounded up to the
     # format's top-level scale blocks (calibration/e2e.py, scale_span); None: E2E_SPAN, but
     # whole columns for encoders (encoder_defaults: not measured there)
@@ -132,6 +140,17 @@ class QuantConfig:
         if self.calib_samples is not None:
             return self.calib_samples
         return SELF_SAMPLES if _all_self(calib) else TEXT_SAMPLES
+
+    def tuned_windows(self) -> int | None:
+        """How many of the calibration windows (the first ones) the end-to-end step tunes on:
+        all (None) for given text; with the model's own text alone, --e2e-samples when given
+        without --e2e-text, else SELF_TUNED_SAMPLES (its Hessians gain from more own text than
+        the tuning does)."""
+        if not _all_self(self.calib):
+            return None
+        if self.e2e_samples is not None and self.e2e_text is None:
+            return self.e2e_samples
+        return SELF_TUNED_SAMPLES
 
     def parsed_overrides(self) -> list[tuple[str, dict]]:
         """User overrides, after the built-in one for the lm_head (embedding tables get theirs

@@ -214,16 +214,27 @@ def calibration_feeds(
 SENSITIVITY_TOKENS = 8192  # calibration tokens the Fisher pass reads (4096: +0.7% perplexity)
 
 
-def _sensitivity_feeds(feeds: list[dict]) -> list[dict]:
-    """The first calibration batches, up to SENSITIVITY_TOKENS tokens (whole batches)."""
-    taken, tokens = [], 0
+def _first_batches(feeds: list[dict], limit: int, count) -> list[dict]:
+    """The first calibration batches (whole ones) until ``count(batch inputs)`` sums to
+    ``limit``; a batch without token ids or embeddings counts as the whole limit."""
+    taken, seen = [], 0
     for f in feeds:
-        if tokens >= SENSITIVITY_TOKENS:
+        if seen >= limit:
             break
         taken.append(f)
         ids = f.get("input_ids", f.get("inputs_embeds"))  # a VLM's decoder takes embeddings
-        tokens += ids.shape[0] * ids.shape[1] if ids is not None else SENSITIVITY_TOKENS
+        seen += count(ids) if ids is not None else limit
     return taken
+
+
+def _sensitivity_feeds(feeds: list[dict]) -> list[dict]:
+    """The first calibration batches, up to SENSITIVITY_TOKENS tokens (whole batches)."""
+    return _first_batches(feeds, SENSITIVITY_TOKENS, lambda ids: ids.shape[0] * ids.shape[1])
+
+
+def _first_windows(feeds: list[dict], windows: int | None) -> list[dict]:
+    """The first calibration batches, up to ``windows`` windows (whole batches; None: all)."""
+    return feeds if windows is None else _first_batches(feeds, windows, len)
 
 
 def _kept(shared: dict | None, key: str, make):
@@ -587,7 +598,10 @@ def optimize(
                 )
                 phases["end-to-end text"] = time.perf_counter() - clock
                 clock = time.perf_counter()
-            tuning = _tune(ir_model, cache, matches, feeds + extra, config, progress)
+            tuned = _first_windows(feeds, config.tuned_windows())
+            tuning = _tune(ir_model, cache, matches, tuned + extra, config, progress)
+            if "skipped" not in tuning:
+                tuning["calibration_batches"] = len(tuned)
             if extra_text and "skipped" not in tuning:
                 tuning["extra_text"] = {"source": extra_text, "batches": len(extra)}
             phases["end-to-end tuning"] = time.perf_counter() - clock

@@ -490,7 +490,7 @@ def test_calibration_sources_mix_row_by_row(tiny_with_tokenizer, tmp_path):
 
 
 def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
-    """No --calib-samples/--calib-seq-len: 64 windows of 512 tokens of real text, 64 of 256
+    """No --calib-samples/--calib-seq-len: 64 windows of 512 tokens of real text, 96 of 256
     when the model writes its own (more, shorter documents); explicit values win."""
     from quantx_onnx import model_io
     from quantx_onnx.config import SELF_SAMPLES, SELF_SEQ_LEN, TEXT_SAMPLES, TEXT_SEQ_LEN
@@ -505,7 +505,7 @@ def test_default_window_count_follows_the_source(tiny_with_tokenizer, tmp_path):
         feeds = calibration_feeds(model, src, QuantConfig(calib_seq_len=8, **kw))
         return sum(len(f["input_ids"]) for f in feeds)
 
-    assert (SELF_SAMPLES, SELF_SEQ_LEN, TEXT_SAMPLES, TEXT_SEQ_LEN) == (64, 256, 64, 512)
+    assert (SELF_SAMPLES, SELF_SEQ_LEN, TEXT_SAMPLES, TEXT_SEQ_LEN) == (96, 256, 64, 512)
     assert rows(calib=str(text)) == TEXT_SAMPLES
     assert rows(calib=f"{text}+self") == TEXT_SAMPLES
     assert QuantConfig(calib="self").samples_for("self") == SELF_SAMPLES
@@ -658,6 +658,38 @@ def test_e2e_step_also_tunes_on_own_text_when_calibrating_on_given_text(
     assert e2e_extra_text(model, tiny_with_tokenizer, QuantConfig(calib="<feeds>")) is None
     given = QuantConfig(calib="a.txt", e2e_text="b.txt")
     assert e2e_extra_text(model, tiny_with_tokenizer, given) == "b.txt"
+
+
+def test_e2e_step_tunes_on_the_first_windows_of_own_text(tiny_with_tokenizer, tmp_path):
+    """The model's own text alone: the layer-wise steps read every window, the end-to-end step
+    the first --e2e-samples (default SELF_TUNED_SAMPLES) in whole batches; given text is tuned
+    on whole, and --e2e-samples then counts the own text added beside it."""
+    from quantx_onnx.config import SELF_SAMPLES, SELF_TUNED_SAMPLES
+    from quantx_onnx.pipeline import _first_windows
+
+    cfg = QuantConfig(
+        bits=3, calib_samples=12, calib_seq_len=8, calib_batch=4, e2e_epochs=1, uniform=True
+    )
+    rep = optimize(tiny_with_tokenizer, tmp_path / "q", dataclasses.replace(cfg, e2e_samples=6))
+    assert rep.calibration["source"] == "self" and rep.calibration["batches"] == 3
+    assert rep.calibration["tokens"] == 12 * 8  # every window in the Hessians
+    assert rep.tuning["calibration_batches"] == 2 and rep.tuning["steps"] == 2
+    assert "extra_text" not in rep.tuning
+
+    assert 0 < SELF_TUNED_SAMPLES < SELF_SAMPLES
+    assert QuantConfig(calib="self").tuned_windows() == SELF_TUNED_SAMPLES
+    assert QuantConfig(calib="self", e2e_samples=5).tuned_windows() == 5
+    # --e2e-samples counts the windows of --e2e-text when one is given
+    with_text = QuantConfig(calib="self", e2e_samples=5, e2e_text="b.txt")
+    assert with_text.tuned_windows() == SELF_TUNED_SAMPLES
+    for given in ("a.txt", "a.txt+self", "<feeds>"):
+        assert QuantConfig(calib=given, e2e_samples=5).tuned_windows() is None
+
+    feeds = [{"input_ids": np.zeros((n, 8), np.int64)} for n in (4, 4, 3)]
+    assert _first_windows(feeds, None) == feeds
+    assert [len(f["input_ids"]) for f in _first_windows(feeds, 5)] == [4, 4]
+    assert [len(f["input_ids"]) for f in _first_windows(feeds, 4)] == [4]
+    assert _first_windows(feeds, 100) == feeds
 
 
 def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(tiny_llama, tmp_path):
