@@ -144,8 +144,8 @@ class QuantConfig:
     def tuned_windows(self) -> int | None:
         """How many of the calibration windows (the first ones) the end-to-end step tunes on:
         all (None) for given text; with the model's own text alone, --e2e-samples when given
-        without --e2e-text, else SELF_TUNED_SAMPLES (its Hessians gain from more own text than
-        the tuning does)."""
+        without --e2e-text, else SELF_TUNED_SAMPLES (the slowest step per token; it gained
+        nothing from the windows GPTQ reads beyond those)."""
         if not _all_self(self.calib):
             return None
         if self.e2e_samples is not None and self.e2e_text is None:
