@@ -602,8 +602,8 @@ def optimize(
             tuning = _tune(ir_model, cache, matches, tuned + extra, config, progress)
             if "skipped" not in tuning:
                 tuning["calibration_batches"] = len(tuned)
-            if extra_text and "skipped" not in tuning:
-                tuning["extra_text"] = {"source": extra_text, "batches": len(extra)}
+                if extra_text:
+                    tuning["extra_text"] = {"source": extra_text, "batches": len(extra)}
             phases["end-to-end tuning"] = time.perf_counter() - clock
 
     def quantize(key: WeightKey, w: np.ndarray, matches: list[LinearMatch]):
