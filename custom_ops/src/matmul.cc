@@ -46,9 +46,10 @@ T* Grow(std::vector<T>& v, int64_t n) {
 }
 
 // Copies row m of A onto the stored k axis: groups padded with zeros, input scale applied.
-// The element type and the input scale are decided once per group, not per element: with
-// both choices (and a call to the out-of-line fp16 conversion) in the loop body, 128 rows of
-// 576 took 0.12 ms in the kernel bench, four times the matmul of a 576 x 16 tile after them.
+// The element type and the input scale are decided once per group, not per element (a copy
+// or conversion, then one scaling pass): with both choices (and a call to the out-of-line
+// fp16 conversion) in the loop body, 128 rows of 576 took 0.12 ms in the kernel bench, four
+// times the matmul of a 576 x 16 tile after them.
 void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, float* out) {
   const WeightFormat& f = plan.w.fmt;
   const int64_t K = f.K;
@@ -59,16 +60,12 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
     const int64_t src = j * f.group(), len = f.group_length(j);
     float* dst = out + f.stored_offset(j);
     if (type == ElemType::kFloat32) {
-      if (in_scale) {
-        for (int64_t k = 0; k < len; ++k) dst[k] = a32[src + k] * in_scale[src + k];
-      } else {
-        std::memcpy(dst, a32 + src, static_cast<size_t>(len) * sizeof(float));
-      }
+      std::memcpy(dst, a32 + src, static_cast<size_t>(len) * sizeof(float));
     } else {
       for (int64_t k = 0; k < len; ++k) dst[k] = HalfToFloat(a16[src + k]);
-      if (in_scale)
-        for (int64_t k = 0; k < len; ++k) dst[k] *= in_scale[src + k];
     }
+    if (in_scale)
+      for (int64_t k = 0; k < len; ++k) dst[k] *= in_scale[src + k];
     std::fill(dst + len, dst + f.stored_length(j), 0.0f);
   }
   std::fill(out + f.k_stored(), out + f.k_stored() + kLdaPad, 0.0f);  // the row padding
