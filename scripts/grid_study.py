@@ -108,23 +108,21 @@ def hierarchical(scales: np.ndarray, bits: int = 4) -> np.ndarray:
     return per_group * (np.clip(np.rint(scales / per_group) - 1, 0, top - 1) + 1)
 
 
-def trellis_scales(w_nk: np.ndarray, table, k: int, seq: int = 128) -> np.ndarray:
-    """Per-weight scales [N, K]: each group's RMS times the factor of least weight error on a
-    sample of sequences, hierarchically rounded."""
+def trellis_scales(w_nk: np.ndarray, table, k: int) -> np.ndarray:
+    """Per-weight scales [N, K]: each group's RMS times the factor of least weight error on one
+    sample of 128 sequences (the same for every candidate), hierarchically rounded."""
     torch = _torch()
     N, K = w_nk.shape
     x = w_nk.reshape(N, K // GROUP, GROUP)
     rms = np.sqrt((x**2).mean(2)) + 1e-12
-    rng = np.random.default_rng(1)
+    pick = np.random.default_rng(1).choice(N * K // SEQ, min(128, N * K // SEQ), replace=False)
     best = None
     for f in FACTORS:
-        s = hierarchical(rms * f)
-        per_weight = np.repeat(s, GROUP, axis=1)
-        rows = (w_nk / per_weight).reshape(-1, seq)
-        pick = rng.choice(len(rows), min(128, len(rows)), replace=False)
-        sub = torch.from_numpy(rows[pick].astype(np.float32)).to(table.device)
-        sc = torch.from_numpy(per_weight.reshape(-1, seq)[pick].astype(np.float32)).to(table.device)
-        err = float((((viterbi(sub, table, k) - sub) * sc) ** 2).sum())
+        per_weight = np.repeat(hierarchical(rms * f), GROUP, axis=1)
+        rows = (w_nk / per_weight).reshape(-1, SEQ)[pick]
+        sub = torch.from_numpy(rows.astype(np.float32)).to(table.device)
+        sc = torch.from_numpy(per_weight.reshape(-1, SEQ)[pick].astype(np.float32))
+        err = float((((viterbi(sub, table, k) - sub) * sc.to(table.device)) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, per_weight)
     return best[1].astype(np.float32)
@@ -388,10 +386,10 @@ def cmd_optimize(args, rest: list[str]) -> int:
     table = trellis_table(args.L, args.device)
 
     def trellis_gptq(w_kn, H, fmt, base, **_):
-        if args.outliers:
+        if args.outliers is not None:
             w_hat = gptq_with_outliers(w_kn, H, fmt, args.outliers)
-        elif fmt.K % TILE or fmt.N % TILE or fmt.K % GROUP:
-            raise SystemExit(f"grid_study optimize: {fmt.K}x{fmt.N} is not made of 16x16 tiles")
+        elif fmt.K % SEQ or fmt.N % TILE:  # SEQ: rows of the scale search; TILE: LDLQ tiles
+            raise SystemExit(f"grid_study optimize: {fmt.K}x{fmt.N}: K must divide by {SEQ}")
         else:
             w_hat = trellis_ldlq(np.asarray(w_kn, np.float32), H, table, fmt.bits)
         stored = dataclasses.replace(fmt, bits=8, scale_bits=0, super_group=0)
@@ -413,7 +411,9 @@ def main() -> int:
     p.add_argument("dst")
     p.add_argument("--grid", required=True)
     p = sub.add_parser("optimize", help="optimize with GPTQ replaced by trellis LDLQ")
-    p.add_argument("--outliers", type=float, default=0.0, help="GPTQ keeping this share exact")
+    p.add_argument(
+        "--outliers", type=float, default=None, help="GPTQ keeping this share exact (0: none)"
+    )
     for p in sub.choices.values():
         p.add_argument("--L", type=int, default=16, help="trellis state bits (default 16)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")

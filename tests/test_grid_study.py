@@ -59,7 +59,7 @@ def test_block_ldlq_feedback_lowers_the_output_error():
     from quantx_onnx.quantize.gptq import output_error
 
     rng = np.random.default_rng(0)
-    K, N = 128, 32
+    K, N = 192, 32
     X = rng.standard_normal((4096, K)) @ (np.eye(K) + 0.3 * rng.standard_normal((K, K)))
     H = X.T @ X / len(X)
     w = rng.standard_normal((K, N)).astype(np.float32)
