@@ -178,9 +178,9 @@ def ours(w_kn: np.ndarray, bits: int) -> np.ndarray:
 
 
 def gptq_with_outliers(w_kn: np.ndarray, H: np.ndarray, fmt, fraction: float) -> np.ndarray:
-    """GPTQ (act-order, dampening and blocks as quantize/gptq.py) on our grid, the `fraction`
-    of weights with the largest H_kk-weighted rounding error kept exact: their error is zero,
-    so GPTQ moves only the others. Returns the dequantized W_hat[K, N]."""
+    """GPTQ (act-order and dampening as quantize/gptq.py, column by column) on our grid, the
+    `fraction` of weights with the largest H_kk-weighted rounding error kept exact: their error
+    is zero, so GPTQ moves only the others. Returns the dequantized W_hat[K, N]."""
     from quantx_onnx.quantize.gptq import DAMP
     from quantx_onnx.quantize.grid import weight_of
     from quantx_onnx.quantize.mse import clip_search
@@ -214,6 +214,7 @@ def gptq_with_outliers(w_kn: np.ndarray, H: np.ndarray, fmt, fraction: float) ->
     Z = torch.from_numpy(grid.effective_zero_points.astype(np.float32)).T[group]
     exact = torch.from_numpy(keep).T[perm]
     W = torch.from_numpy(w_nk).T[perm].clone()  # [K, N]: column c of W is row c here
+    W[dead[perm]] = 0.0  # inputs never seen in calibration (as quantize/gptq.py)
     out = torch.empty_like(W)
     qmax = float(fmt.code_levels - 1)
     for c in range(K):  # no lazy blocks: this is a simulation, not the pipeline
@@ -234,14 +235,15 @@ def grid_fn(grid: str, L: int, device: str):
 
 
 def weight_matmuls(model):
-    """(node, initializer) of every MatMul/Gemm whose weight is a 2-D initializer that the
-    trellis sequences divide (K a multiple of SEQ and TILE, N of TILE)."""
+    """(node, initializer, W[K, N]) of every MatMul whose weight is a 2-D initializer that the
+    trellis sequences divide (K a multiple of SEQ, N of TILE). Gemm is left out: its B may be
+    stored transposed."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     seen = set()
     for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+        if n.op_type != "MatMul" or n.input[1] not in inits:
             continue
         init = inits[n.input[1]]
         if init.name in seen or len(init.dims) != 2:
