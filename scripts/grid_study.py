@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,14 +97,14 @@ def viterbi(X, table, k: int, back: bool = True):
 
 
 def hierarchical(scales: np.ndarray, bits: int = 4) -> np.ndarray:
-    """Per-group scales [N, G] as stored: fp16 super-scale (max of SUPER groups / 2^bits) times
-    an integer sub-scale + 1 (the format's hierarchical scales)."""
+    """Per-group scales [N, G] as stored: fp16 super-scale per SUPER groups times a ``bits``-bit
+    sub-scale + 1 (the format's hierarchical scales, rtn.split_hierarchical)."""
+    from quantx_onnx.format import Layout, WeightFormat
+    from quantx_onnx.quantize.rtn import split_hierarchical
+
     N, G = scales.shape
-    top = 1 << bits
-    padded = np.pad(scales, ((0, 0), (0, -G % SUPER)))
-    sup = (padded.reshape(N, -1, SUPER).max(2) / top).astype(np.float16).astype(np.float32)
-    per_group = np.repeat(sup, SUPER, axis=1)[:, :G]
-    return per_group * (np.clip(np.rint(scales / per_group) - 1, 0, top - 1) + 1)
+    fmt = WeightFormat(G * GROUP, N, 3, GROUP, Layout.TILE16, scale_bits=bits, super_group=SUPER)
+    return split_hierarchical(scales, fmt, np.float16)[2]
 
 
 def trellis_scales(w_nk: np.ndarray, table, k: int) -> np.ndarray:
@@ -139,19 +138,17 @@ def trellis_data_free(w_kn: np.ndarray, table, k: int, batch: int = 2048) -> np.
     return (torch.cat(out).cpu().numpy().reshape(N, K) * S).T
 
 
-def trellis_ldlq(w_kn: np.ndarray, H: np.ndarray, table, k: int, damp: float = 0.1) -> np.ndarray:
+def trellis_ldlq(w_kn: np.ndarray, H: np.ndarray, table, k: int) -> np.ndarray:
     """Calibrated: block LDLQ (QTIP's BlockLDLQ) with the trellis. TILE input columns at a time;
     each TILE x TILE tile of (outputs, inputs) is one trellis sequence; the block's error E
     moves the later columns by E U_bb^-1 U_b,rest (U: upper Cholesky factor of H^-1, as GPTQ)."""
     torch = _torch()
     w_nk = np.ascontiguousarray(np.asarray(w_kn, np.float32).T)
     N, K = w_nk.shape
+    from quantx_onnx.quantize.gptq import inverse_hessian_factor
+
     S = torch.from_numpy(trellis_scales(w_nk, table, k)).double()
-    Hm = torch.from_numpy(np.asarray(H, np.float64)).clone()
-    dead = torch.diag(Hm) <= 0
-    Hm[dead, dead] = 1.0
-    Hm += damp * torch.diag(Hm).mean() * torch.eye(K, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)
+    U, _, dead = inverse_hessian_factor(torch, H, act_order=False)  # the pipeline's dampening
     W = torch.from_numpy(w_nk).double().clone()
     W[:, dead] = 0.0
     out = torch.zeros_like(W)
@@ -181,7 +178,7 @@ def gptq_with_outliers(w_kn: np.ndarray, H: np.ndarray, fmt, fraction: float) ->
     """GPTQ (act-order and dampening as quantize/gptq.py, column by column) on our grid, the
     `fraction` of weights with the largest H_kk-weighted rounding error kept exact: their error
     is zero, so GPTQ moves only the others. Returns the dequantized W_hat[K, N]."""
-    from quantx_onnx.quantize.gptq import DAMP
+    from quantx_onnx.quantize.gptq import inverse_hessian_factor
     from quantx_onnx.quantize.grid import weight_of
     from quantx_onnx.quantize.mse import clip_search
     from quantx_onnx.quantize.rtn import finish_uniform
@@ -201,13 +198,7 @@ def gptq_with_outliers(w_kn: np.ndarray, H: np.ndarray, fmt, fraction: float) ->
     s, lo = clip_search(w_grid, fmt, d)
     grid = finish_uniform(w_grid, fmt, s, lo, False, np.float16)
 
-    Hm = torch.from_numpy(np.asarray(H, np.float64)).clone()
-    dead = torch.diag(Hm) <= 0
-    Hm[dead, dead] = 1.0
-    Hm += DAMP * torch.diag(Hm).mean() * torch.eye(K, dtype=torch.float64)
-    perm = torch.argsort(torch.diag(Hm), descending=True)
-    Hm = Hm[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)
+    U, perm, dead = inverse_hessian_factor(torch, H)  # act-order, the pipeline's dampening
     U = U.float()
     group = torch.from_numpy(np.arange(K) // fmt.group)[perm]
     S = torch.from_numpy(grid.scales.astype(np.float32)).T[group]
@@ -354,14 +345,14 @@ def cmd_fake(args) -> None:
     import onnx
     from onnx import numpy_helper
 
-    src, dst = Path(args.src), Path(args.dst)
-    if dst.resolve() == src.resolve():
-        raise SystemExit("fake: OUT_DIR must differ from SRC_DIR (the source stays untouched)")
+    from quantx_onnx.model_io import copy_companions, resolve_input
+
+    source, dst = resolve_input(args.src), Path(args.dst)
+    if source.folder is None or dst.resolve() == source.folder.resolve():
+        raise SystemExit("fake: SRC_DIR must be an export folder and OUT_DIR another folder")
     dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():  # tokenizer, config: what evaluation needs beside the graph
-        if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".data"):
-            shutil.copy(f, dst / f.name)
-    model = onnx.load(str(src / "model.onnx"))
+    copy_companions(source, dst)  # tokenizer, config: what evaluation needs beside the graph
+    model = onnx.load(str(source.model_path))
     quantize = grid_fn(args.grid, args.L, args.device)
     start, num, den, count = time.perf_counter(), 0.0, 0.0, 0
     for _, init, w in list(weight_matmuls(model)):

@@ -81,19 +81,28 @@ def _rounder(torch, fmt, codebook, N):
     return nearest_entry
 
 
-def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block, codebook):
-    N, K = w_nk.shape
+def inverse_hessian_factor(torch, H: np.ndarray, damp: float = DAMP, act_order: bool = True):
+    """(U, perm, dead): U the upper Cholesky factor of the dampened H^-1 in float64, whose row
+    j holds the error-feedback coefficients of column j, over the inputs in the order ``perm``
+    (act-order: largest Hessian diagonal first; else the natural order); ``dead`` marks the
+    inputs the calibration never saw (zero diagonal, set to 1 before dampening)."""
+    K = H.shape[0]
     Hm = torch.from_numpy(np.asarray(H, np.float64)).clone()
     dead = torch.diag(Hm) <= 0
     Hm[dead, dead] = 1.0
     Hm += damp * torch.diag(Hm).mean() * torch.eye(K, dtype=torch.float64)
     perm = torch.argsort(torch.diag(Hm), descending=True) if act_order else torch.arange(K)
-    inv_perm = torch.argsort(perm)
     Hm = Hm[perm][:, perm]
-    # upper Cholesky factor of H^-1 (float64 for the factorisation, float32 for the updates):
-    # row j holds the update coefficients for column j
-    L = torch.linalg.cholesky(Hm)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)
+    return U, perm, dead
+
+
+def _gptq_loop(torch, w_nk, H, fmt, scales, zero_points, damp, act_order, block, codebook):
+    N, K = w_nk.shape
+    # float64 for the factorisation, float32 for the updates
+    Hinv, perm, dead = inverse_hessian_factor(torch, H, damp, act_order)
+    Hinv = Hinv.float()
+    inv_perm = torch.argsort(perm)
 
     W = torch.from_numpy(np.array(w_nk, np.float32))[:, perm]  # a private copy
     W[:, dead[perm]] = 0.0
