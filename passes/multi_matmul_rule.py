@@ -32,7 +32,8 @@ OP_MULTI = "QxMultiMatMul"
 MAX_FUSED = 4  # kMaxFused of custom_ops/src/ort/ort_ops.cc
 SLOTS = 7  # B, scales, zero_points, sub_scales, codebook, input_scale, bias
 SHARED = ("K", "layout", "accuracy_level")
-LISTED = ("N", "bits", "group_size", "scale_bits", "super_group")
+LISTED = ("N", "bits", "group_size", "scale_bits", "super_group", "rotate")
+OPTIONAL = ("scale_bits", "super_group", "rotate")  # 0 when absent (single nodes omit zeros)
 MEMBERS = "quantx.members"  # metadata property: the fused nodes' names, a JSON list
 
 
@@ -66,7 +67,9 @@ def _fused_node(members: list[ir.Node]) -> ir.Node:
     first = _attrs(members[0])
     attributes: dict = {name: first[name] for name in SHARED if name in first}
     for name in LISTED:
-        attributes[name] = [int(_attrs(m).get(name, 0)) for m in members]
+        values = [int(_attrs(m).get(name, 0)) for m in members]
+        if name != "rotate" or any(values):  # absent = none rotated: graphs as before
+            attributes[name] = values
     names = [m.name or f"QxMatMul_{i}" for i, m in enumerate(members)]
     node = ir.node(
         OP_MULTI,
@@ -124,7 +127,7 @@ def split_multi_matmuls(model: ir.Model) -> int:
         for i in range(len(node.outputs)):
             attrs = dict(shared)
             for name in LISTED:
-                if name in a and (name not in ("scale_bits", "super_group") or a[name][i]):
+                if name in a and (name not in OPTIONAL or a[name][i]):
                     attrs[name] = int(a[name][i])
             slots = list(node.inputs[1 + i * SLOTS : 1 + (i + 1) * SLOTS])
             while slots and slots[-1] is None:

@@ -284,6 +284,14 @@ def _add_optimize(sub):
         help="write the model for stock ONNX Runtime (no QuantX library): MatMulNBits where "
         "ORT runs the format natively, packed bit planes + standard ops elsewhere",
     )
+    p.add_argument(
+        "--rotate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize matrices in a randomized Hadamard basis (kernels rotate the "
+        "activations; K = 12^a * 2^b only). Default: on for calibrated runs, off for "
+        "--data-free and --portable",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(run=_run_optimize)
 
@@ -327,6 +335,7 @@ def optimize_config(args):
         propagation=args.propagation,
         device=args.device,
         portable=args.portable,
+        rotate=args.rotate,
         components=tuple(args.component),
         calib_images=args.calib_images,
         speedup=args.speedup,
@@ -404,6 +413,9 @@ def _optimize_summary(report) -> str:
     if report.multi_matmuls:
         n = report.multi_matmuls
         lines.append(f"  projections of one input (q/k/v, gate/up): {n} QxMultiMatMul nodes")
+    rotated = sum(1 for w in lin.weights if w.attributes.get("rotate"))
+    if rotated:
+        lines.append(f"  rotated (randomized Hadamard input basis): {rotated} weights")
     if lin.untouched:
         left = ", ".join(f"{c} {op}" for op, c in sorted(lin.untouched.items()))
         lines.append(f"  left as is (no constant weight: activation x activation): {left}")

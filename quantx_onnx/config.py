@@ -104,6 +104,10 @@ class QuantConfig:
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
     portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
+    # quantize each GPTQ'd matrix in a randomized Hadamard basis (rotation.py; the kernels
+    # rotate its activations). None: on for calibrated runs with QuantX nodes (SmolLM2's
+    # default: about a fifth less perplexity loss, docs/ACCURACY.md)
+    rotate: bool | None = None
     # VLM folders (quantx_onnx.vlm): per-component bits ("vision=4,text=3") and calibration
     # images (a folder or one file)
     components: tuple[str, ...] = ()
@@ -165,7 +169,13 @@ class QuantConfig:
 
     def embedding_fields(self) -> dict:
         bits = max(self.bits, 4) if self.embedding_bits is None else self.embedding_bits
-        return {"bits": bits, "group_size": self.embedding_group_size, "scale_bits": 0}
+        # a table's rows are gathered as stored: never rotated (nor its tied lm_head)
+        return {
+            "bits": bits,
+            "group_size": self.embedding_group_size,
+            "scale_bits": 0,
+            "rotate": False,
+        }
 
     @property
     def resolved_method(self) -> str:
@@ -191,6 +201,8 @@ class QuantConfig:
             fields["scale_bits"] = 0
         if self.e2e_epochs is None:
             fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
+        if self.rotate is None:  # stock ONNX Runtime has no rotated MatMul (portable.py)
+            fields["rotate"] = self.calibrated and not self.portable
         if self.e2e_span is None:  # encoders got 0 from encoder_defaults
             fields["e2e_span"] = E2E_SPAN
         if self.plan_search is None:
@@ -245,6 +257,11 @@ class QuantConfig:
             )
         if self.data_free and (self.calib or self.calib_images):
             raise InputError("--data-free and --calib-text/--calib-images exclude each other")
+        if self.portable and self.rotate:
+            raise InputError(
+                "--rotate and --portable exclude each other: stock ONNX Runtime has no operator "
+                "that rotates a MatMul's activations"
+            )
         if self.budget_bpw is not None and self.budget_mb is not None:
             raise InputError("give one of --budget-bpw and --budget-mb")
         if self.budget_bpw is not None and not 1.0 < self.budget_bpw <= 32:

@@ -18,6 +18,8 @@ import enum
 
 import numpy as np
 
+from . import rotation
+
 DOMAIN = "com.quantx"
 OP_MATMUL = "QxMatMul"
 OP_GATHER = "QxGather"
@@ -75,6 +77,7 @@ class WeightFormat:
     layout: Layout = Layout.TILE16
     scale_bits: int = 0
     super_group: int = 0
+    rotate: int = 0  # 1: activations rotated by Q, codes hold Q^T W (quantx_onnx/rotation.py)
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))
@@ -100,6 +103,10 @@ class WeightFormat:
                 )
         elif self.super_group:
             raise FormatError("super_group is only meaningful with scale_bits > 0")
+        if self.rotate not in (0, 1):
+            raise FormatError(f"rotate must be 0 or 1, got {self.rotate}")
+        if self.rotate and not rotation.supported(self.K):
+            raise FormatError(f"rotate = 1 needs K = 12^a * 2^b, got K={self.K}")
 
     # --- derived sizes -----------------------------------------------------------------------
     @property
@@ -150,11 +157,13 @@ class WeightFormat:
         }
         if self.scale_bits:
             attrs.update(scale_bits=self.scale_bits, super_group=self.super_group)
+        if self.rotate:
+            attrs["rotate"] = self.rotate
         return attrs
 
     @classmethod
     def from_attributes(cls, attrs: dict) -> WeightFormat:
-        keys = ("K", "N", "bits", "group_size", "layout", "scale_bits", "super_group")
+        keys = ("K", "N", "bits", "group_size", "layout", "scale_bits", "super_group", "rotate")
         return cls(**{k: int(attrs[k]) for k in keys if k in attrs})
 
     def with_layout(self, layout: Layout) -> WeightFormat:
@@ -275,9 +284,21 @@ def hierarchical_scales(super_scales, sub_scales, super_group):
 
 # --- dequantization ----------------------------------------------------------------------------
 def dequantize(q: QuantizedWeight | dict, fmt: WeightFormat | None = None) -> np.ndarray:
-    """Return ``float32 W[K, N]`` for a logical weight or a dict of packed tensors."""
+    """Return ``float32 W[K, N]`` for a logical weight or a dict of packed tensors: the matrix
+    the node multiplies its (unscaled, unrotated) activations by."""
     if not isinstance(q, QuantizedWeight):
         q = unpack(q, fmt)
+    w = stored_weight(q)
+    if q.fmt.rotate:  # A @ W = (A Q) @ W'
+        w = rotation.unrotate_weight(w)
+    if q.input_scale is not None:
+        # A' = A * input_scale, so W as seen by the original A is diag(input_scale) @ W.
+        w = w * q.input_scale.astype(np.float32)[:, None]
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def stored_weight(q: QuantizedWeight) -> np.ndarray:
+    """``float32 W'[K, N]`` as the codes decode it: before the input scale and the rotation."""
     f = q.fmt
     group_of_k = np.arange(f.K) // f.group
     scale_nk = q.scales[:, group_of_k]  # [N, K]
@@ -288,11 +309,7 @@ def dequantize(q: QuantizedWeight | dict, fmt: WeightFormat | None = None) -> np
     else:
         zp = q.effective_zero_points.astype(np.float32)[:, group_of_k]
         values = q.codes.astype(np.float32) - zp
-    w = (scale_nk * values).T
-    if q.input_scale is not None:
-        # A' = A * input_scale, so W as seen by the original A is diag(input_scale) @ W.
-        w = w * q.input_scale.astype(np.float32)[:, None]
-    return np.ascontiguousarray(w, dtype=np.float32)
+    return np.ascontiguousarray((scale_nk * values).T, dtype=np.float32)
 
 
 # --- bit streams -------------------------------------------------------------------------------

@@ -521,6 +521,7 @@ def optimize(
         config.symmetric,
         config.scale_bits,
         config.super_group,
+        rotate=bool(config.rotate),
     )
     layout = Layout(target.layout)
     scale_dtype = np.float16 if config.scale_dtype == "float16" else np.float32

@@ -565,6 +565,11 @@ def to_portable(model: ir.Model, *, accuracy_level: int | None = None) -> Portab
     for key, group in users.items():
         first = group[0]
         q = node_weight(first)
+        if q.fmt.rotate:
+            raise InputError(
+                f"{first.name}: its weight is stored rotated (attribute rotate=1), which stock "
+                "ONNX Runtime cannot compute; optimize the model with --no-rotate for --portable"
+            )
         report.packed_bytes_before += sum(
             v.const_value.nbytes for v in first.inputs[1 : 1 + n_weight] if v is not None
         )

@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from . import rotation
 from .calibration.stats import InputStats
 from .format import Layout, QuantizedWeight, WeightFormat, dequantize, pack, packed_bytes
 from .passes import WeightKey
@@ -25,6 +26,7 @@ from .quantize.rtn import finish_uniform, quantize_rtn
 METHODS = ("rtn", "mse", "gptq", "awq", "codebook", "auto")
 DATA_METHODS = ("gptq", "awq", "auto")  # need calibration statistics
 AUTO_CANDIDATES = ("gptq", "awq", "codebook")  # what `auto` tries per matrix
+ROTATED_METHODS = ("rtn", "mse", "gptq")  # AWQ's and codebooks' searches assume the given basis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,12 @@ class Recipe:
     symmetric: bool = False
     scale_bits: int = 0
     super_group: int = 8
+    # quantize in a rotated input basis where K allows it (rotation.py; GPTQ, MSE and RTN):
+    # quantize_with sets the format's ``rotate``; format() and the plan's prices are unrotated
+    rotate: bool = False
+
+    def rotates(self, K: int) -> bool:
+        return self.rotate and self.method in ROTATED_METHODS and rotation.supported(K)
 
     def format(self, K: int, N: int, layout: Layout) -> WeightFormat:
         group = self.group_size if 0 < self.group_size < K else 0
@@ -66,6 +74,8 @@ def quantize_with(
     """One matrix W[K, N] with one recipe (`per_row`: a codebook per output column, else one
     per tensor)."""
     K, N = w_kn.shape
+    if recipe.rotates(K):
+        return _quantize_rotated(recipe, w_kn, layout, stats, scale_dtype)
     fmt = recipe.format(K, N, layout)
     if recipe.method == "rtn" or (recipe.method in DATA_METHODS and stats is None):
         return quantize_rtn(w_kn, fmt, symmetric=recipe.symmetric, scale_dtype=scale_dtype)
@@ -108,6 +118,27 @@ def quantize_with(
     raise ValueError(f"unknown method {recipe.method!r}")
 
 
+@dataclasses.dataclass
+class _RotatedStats:
+    """The statistics a rotated quantization reads: the Hessian in the rotated basis."""
+
+    hessian: np.ndarray
+    tokens: int
+
+
+def _quantize_rotated(recipe, w_kn, layout, stats, scale_dtype) -> QuantizedWeight:
+    """The recipe applied to W' = Q^T W (with Q^T H Q), stored with ``rotate`` set: the same
+    problem in a basis where no input channel stands out (rotation.py)."""
+    w_rot = rotation.rotate_weight(w_kn).astype(np.float32)
+    rot_stats = None
+    if stats is not None:
+        hessian = rotation.rotate_hessian(stats.hessian)
+        rot_stats = _RotatedStats(hessian, stats.tokens)
+    plain = dataclasses.replace(recipe, rotate=False)
+    q = quantize_with(plain, w_rot, layout, rot_stats, scale_dtype)
+    return dataclasses.replace(q, fmt=dataclasses.replace(q.fmt, rotate=1))
+
+
 def quantize_auto(
     recipe: Recipe, w_kn: np.ndarray, layout: Layout, stats: InputStats, scale_dtype=np.float16
 ) -> tuple[QuantizedWeight, Recipe, float]:
@@ -133,7 +164,7 @@ def report_entry(
         "weight": key.initializer + (" (transposed)" if key.transposed else ""),
         "K": q.fmt.K,
         "N": q.fmt.N,
-        "recipe": recipe.describe(),
+        "recipe": recipe.describe() + (" rotated" if q.fmt.rotate else ""),
         "bits_per_weight": 8.0 * packed_bytes(pack(q)) / (q.fmt.K * q.fmt.N),
     }
     if stats is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from . import rotation
 from .format import (
     DOMAIN,
     K_ALIGN,
@@ -23,6 +24,7 @@ from .format import (
     QuantizedWeight,
     WeightFormat,
     dequantize,
+    stored_weight,
     unpack,
 )
 
@@ -85,8 +87,10 @@ def matmul(
     a2 = np.asarray(a, np.float32).reshape(-1, f.K)
     if q.input_scale is not None:
         a2 = a2 * q.input_scale[None, :]
+    if f.rotate:  # the activations in the weight's rotated basis, as the kernels round them
+        a2 = rotation.rotate_rows(a2).astype(np.float32)
     if accuracy_level != AccuracyLevel.INT8:
-        w = dequantize(_without_input_scale(q)).astype(np.float64)
+        w = stored_weight(q).astype(np.float64)
         y = a2.astype(np.float64) @ w
     else:
         y = _matmul_int8(a2, q)
@@ -101,14 +105,6 @@ def dequantize_rows(q: QuantizedWeight, indices: np.ndarray) -> np.ndarray:
     table = dequantize(q).T
     idx = np.asarray(indices, np.int64)
     return table[np.where(idx < 0, idx + q.fmt.N, idx)]
-
-
-def _without_input_scale(q: QuantizedWeight) -> QuantizedWeight:
-    if q.input_scale is None:
-        return q
-    import dataclasses
-
-    return dataclasses.replace(q, input_scale=None)
 
 
 def _matmul_int8(a2: np.ndarray, q: QuantizedWeight) -> np.ndarray:

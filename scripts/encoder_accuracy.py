@@ -94,6 +94,7 @@ def quantx(src: Path, out: Path, args: str, rebuild: bool, threads: int) -> dict
         "seconds": time.perf_counter() - clock,
         "plan": (report.plan or {}).get("recipes"),
         "calibration": (report.calibration or {}).get("source"),
+        "tuning": report.tuning,
     }
     meta.write_text(json.dumps(info))
     return info

@@ -437,7 +437,14 @@ def test_block_reconstruction_lowers_layer_error_and_keeps_the_format(tiny_llama
     held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
     kl, reps = {}, {}
     for steps in (0, 48):
-        cfg = QuantConfig(bits=2, e2e_epochs=0, uniform=True, block_steps=steps, accuracy_level=0)
+        cfg = QuantConfig(
+            bits=2,
+            e2e_epochs=0,
+            uniform=True,
+            block_steps=steps,
+            accuracy_level=0,
+            rotate=False,  # learned rounding leaves rotated weights alone
+        )
         reps[steps] = optimize(tiny_llama, tmp_path / str(steps), cfg, calib_feeds=calib)
         out = tmp_path / str(steps) / "model.onnx"
         kl[steps] = _kl_to(tiny_llama / "model.onnx", out, held_out)
@@ -550,7 +557,8 @@ def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     held_out = [llm_feeds(sess, seq=32, batch=4, seed=100 + s) for s in range(3)]
     reps, kl = {}, {}
     for rounding in (False, True):
-        cfg = QuantConfig(bits=2, e2e_epochs=6, uniform=True, accuracy_level=0)
+        # unrotated: learned rounding leaves rotated weights alone (their codes are of Q^T W)
+        cfg = QuantConfig(bits=2, e2e_epochs=6, uniform=True, accuracy_level=0, rotate=False)
         cfg.e2e_rounding = rounding
         out = tmp_path / str(rounding)
         reps[rounding] = optimize(tiny_llama, out, cfg, calib_feeds=calib)
@@ -708,6 +716,7 @@ def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(tiny_llama
             scale_bits=0,
             accuracy_level=0,
             e2e_span=span,
+            rotate=False,  # rotated weights keep whole-column multipliers
         )
         out = tmp_path / str(span)
         reps[span] = optimize(tiny_llama, out, cfg, calib_feeds=calib)

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/decode.h"
+#include "quantx/hadamard.h"
 
 namespace quantx {
 
@@ -15,6 +16,7 @@ ParallelFor SerialFor() {
 
 void InitPlan(MatMulPlan* plan) {
   plan->blocks = MakeKBlocks(plan->w.fmt, kActBlockMax);
+  if (plan->rotate) plan->rotate_signs = HadamardSigns(plan->w.fmt.K);
 }
 
 namespace {
@@ -71,6 +73,41 @@ void PadRow(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, flo
   std::fill(out + f.k_stored(), out + f.k_stored() + kLdaPad, 0.0f);  // the row padding
 }
 
+// PadRow of a rotated weight (plan.rotate): the transform mixes the whole k axis, so the row is
+// built on the logical axis first (converted, input scale, signs d), transformed in place
+// (quantx/hadamard.h), then scattered into the padded groups as PadRow does. The logical row is
+// per-thread scratch: rows are prepared in parallel.
+void PadRowRotated(const MatMulPlan& plan, const void* a, ElemType type, int64_t m, float* out) {
+  const WeightFormat& f = plan.w.fmt;
+  const int64_t K = f.K;
+  thread_local std::vector<float> logical;
+  float* x = Grow(logical, K);
+  const float* d = plan.rotate_signs.data();
+  const float* in_scale = plan.input_scale;
+  if (type == ElemType::kFloat32) {  // the copy, input scale and signs in one pass
+    const float* a32 = static_cast<const float*>(a) + m * K;
+    if (in_scale)
+      for (int64_t k = 0; k < K; ++k) x[k] = a32[k] * in_scale[k] * d[k];
+    else
+      for (int64_t k = 0; k < K; ++k) x[k] = a32[k] * d[k];
+  } else {
+    const uint16_t* a16 = static_cast<const uint16_t*>(a) + m * K;
+    for (int64_t k = 0; k < K; ++k) x[k] = HalfToFloat(a16[k]);
+    if (in_scale)
+      for (int64_t k = 0; k < K; ++k) x[k] *= in_scale[k] * d[k];
+    else
+      for (int64_t k = 0; k < K; ++k) x[k] *= d[k];
+  }
+  HadamardTransform(x, K);
+  for (int64_t j = 0; j < f.n_groups(); ++j) {
+    const int64_t len = f.group_length(j);
+    float* dst = out + f.stored_offset(j);
+    std::memcpy(dst, x + j * f.group(), static_cast<size_t>(len) * sizeof(float));
+    std::fill(dst + len, dst + f.stored_length(j), 0.0f);
+  }
+  std::fill(out + f.k_stored(), out + f.k_stored() + kLdaPad, 0.0f);  // the row padding
+}
+
 // One plan's share of a RunMatMuls call: its activations prepared, its work items laid out.
 struct Prepared {
   MatMulArgs args;
@@ -97,7 +134,10 @@ Prepared Prepare(const MatMulPlan& plan, const void* a, ElemType type, int64_t M
   const int64_t prep_items = CeilDiv(M, prep_chunk);
   auto prep = [&](int64_t item) {
     const int64_t m0 = item * prep_chunk, m1 = std::min(M, m0 + prep_chunk);
-    for (int64_t m = m0; m < m1; ++m) PadRow(plan, a, type, m, a_pad + m * ks);
+    if (plan.rotate)
+      for (int64_t m = m0; m < m1; ++m) PadRowRotated(plan, a, type, m, a_pad + m * ks);
+    else
+      for (int64_t m = m0; m < m1; ++m) PadRow(plan, a, type, m, a_pad + m * ks);
     if (int8)
       plan.kernels->quantize_activations(a_pad + m0 * ks, m1 - m0, ks, plan.blocks.data(), nb,
                                          a_i8 + m0 * ks, a_scale + m0 * nb, a_sum + m0 * nb);

@@ -2,7 +2,7 @@
 // comparison against ORT is `python -m quantx_onnx bench kernels`).
 //
 //   quantx_kernel_bench --isa avx512 --K 4096 --N 4096 --M 1 --bits 3 --group 64
-//                       [--layout 1] [--path 4] [--threads 2] [--iters 200]
+//                       [--layout 1] [--path 4] [--threads 2] [--iters 200] [--rotate 1]
 // Prints the median time per matmul and the weight bytes streamed per second.
 #include <algorithm>
 #include <atomic>
@@ -17,6 +17,7 @@
 
 #include "kernels/decode.h"
 #include "quantx/dispatch.h"
+#include "quantx/hadamard.h"
 #include "quantx/matmul.h"
 
 using namespace quantx;
@@ -73,7 +74,7 @@ class Pool {
 int main(int argc, char** argv) {
   std::string isa = "ref";
   int64_t K = 4096, N = 4096, M = 1, group = 64;
-  int bits = 3, layout = 1, path = 4, threads = 2, iters = 100, copies = 1;
+  int bits = 3, layout = 1, path = 4, threads = 2, iters = 100, copies = 1, rotate = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -88,6 +89,7 @@ int main(int argc, char** argv) {
     else if (k == "--threads") threads = std::atoi(v);
     else if (k == "--iters") iters = std::atoi(v);
     else if (k == "--copies") copies = std::max(1, std::atoi(v));
+    else if (k == "--rotate") rotate = std::atoi(v);
   }
   std::string why;
   const KernelTable* kt = KernelsByName(isa, &why);
@@ -103,6 +105,10 @@ int main(int argc, char** argv) {
   f.layout = static_cast<Layout>(layout);
   if (!f.Validate().empty()) {
     std::fprintf(stderr, "%s\n", f.Validate().c_str());
+    return 2;
+  }
+  if (rotate && !IsHadamardSize(K)) {
+    std::fprintf(stderr, "--rotate 1 needs K = 12^a * 2^b, got K=%lld\n", (long long)K);
     return 2;
   }
   const PackedShapes s = ExpectedShapes(f);
@@ -131,6 +137,7 @@ int main(int argc, char** argv) {
   plan.w.zero_points = zp.data();
   plan.path = static_cast<ComputePath>(path);
   plan.kernels = kt;
+  plan.rotate = rotate != 0;  // K must then be 12^a * 2^b
   InitPlan(&plan);
 
   Pool pool(threads);
@@ -168,10 +175,11 @@ int main(int argc, char** argv) {
   std::sort(st.begin(), st.end());
   const double roof = st[st.size() / 2];
   const double bytes = static_cast<double>(B.size() + zp.size() + scales.size() * 2) / copies;
-  std::printf("isa=%s M=%lld K=%lld N=%lld bits=%d group=%lld layout=%d path=%d threads=%d: "
+  std::printf("isa=%s M=%lld K=%lld N=%lld bits=%d group=%lld layout=%d path=%d rotate=%d "
+              "threads=%d: "
               "%.4f ms  %.1f GB/s  %.1f GMAC/s  (stream %.4f ms, %.2fx)\n",
               kt->name, (long long)M, (long long)K, (long long)N, bits, (long long)group, layout,
-              path, threads, med, bytes / med / 1e6, double(M) * K * N / med / 1e6, roof,
+              path, rotate, threads, med, bytes / med / 1e6, double(M) * K * N / med / 1e6, roof,
               med / roof);
   return 0;
 }

@@ -1,6 +1,7 @@
 // Kernel tests without ONNX Runtime: every SIMD kernel table usable on this CPU (or named on
 // the command line) against the portable reference kernel, on randomized shapes and formats.
-// The reference itself is checked against the numpy reference from the Python tests.
+// The reference itself is checked against the numpy reference from the Python tests. Rotated
+// weights (rotate = 1) are also checked against a dense H_K reference written out here.
 //
 //   quantx_kernel_tests [--isa NAME] [--cases N] [--seed S]
 // Prints one line per failure and a final "N passed, M failed"; exit code 1 on any failure.
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <thread>
@@ -17,6 +19,7 @@
 
 #include "kernels/decode.h"
 #include "quantx/dispatch.h"
+#include "quantx/hadamard.h"
 #include "quantx/matmul.h"
 
 using namespace quantx;
@@ -35,16 +38,17 @@ struct Case {
   // 0xff (3, 4), codebook rows spanning the full int8 range, all activations +1 (odd) or -1
   // (even; int8 path: all +-127) -- the operands that bound a kernel's integer accumulations.
   int extreme = 0;
+  bool rotate = false;  // attribute rotate = 1 (randomized Hadamard transform of A)
 };
 
 std::string Describe(const Case& c) {
   char buf[256];
   std::snprintf(buf, sizeof buf,
                 "M=%lld K=%lld N=%lld bits=%d g=%lld layout=%d path=%d sym=%d hier=%d cb=%d "
-                "in_scale=%d bias=%d f16s=%d f16a=%d",
+                "in_scale=%d bias=%d f16s=%d f16a=%d rot=%d",
                 (long long)c.M, (long long)c.K, (long long)c.N, c.bits, (long long)c.group_size,
                 (int)c.layout, (int)c.path, c.symmetric, c.hierarchical, c.codebook,
-                c.input_scale, c.bias, c.f16_scales, c.f16_act);
+                c.input_scale, c.bias, c.f16_scales, c.f16_act, c.rotate);
   return buf;
 }
 
@@ -139,15 +143,21 @@ ParallelFor ThreadedFor(int threads) {
   };
 }
 
-std::vector<float> Run(const Case& c, const RandomWeight& w, const KernelTable* kernels,
-                       const std::vector<float>& a, const ParallelFor& pf) {
+MatMulPlan TestPlan(const Case& c, const RandomWeight& w, const KernelTable* kernels) {
   MatMulPlan plan;
   plan.w = w.View(c.f16_scales);
   plan.path = c.path;
   plan.kernels = kernels;
   plan.input_scale = w.input_scale.empty() ? nullptr : w.input_scale.data();
   plan.bias = w.bias.empty() ? nullptr : w.bias.data();
+  plan.rotate = c.rotate;
   InitPlan(&plan);
+  return plan;
+}
+
+std::vector<float> Run(const Case& c, const RandomWeight& w, const KernelTable* kernels,
+                       const std::vector<float>& a, const ParallelFor& pf) {
+  const MatMulPlan plan = TestPlan(c, w, kernels);
   std::vector<float> y(static_cast<size_t>(c.M * c.N), NAN);
   if (c.f16_act) {
     std::vector<uint16_t> a16(a.size()), y16(y.size());
@@ -453,6 +463,539 @@ bool CheckStreamRead(const KernelTable* kt, std::mt19937& rng, std::string* why)
   return true;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rotation (attribute rotate = 1). The definition of quantx/hadamard.h is written out again
+// here as dense matrices, independently of src/hadamard.cc: the numpy reference's form.
+
+// H_12 = I + S by the Paley construction (q = 11), row-major [12][12].
+std::vector<int> PaleyH12() {
+  auto chi = [](int x) {
+    x = ((x % 11) + 11) % 11;
+    if (x == 0) return 0;
+    for (int r : {1, 3, 4, 5, 9})
+      if (x == r) return 1;
+    return -1;
+  };
+  std::vector<int> h(144, 0);
+  for (int i = 0; i < 12; ++i) h[i * 12 + i] = 1;
+  for (int j = 1; j < 12; ++j) h[j] += 1;       // S[0][j]
+  for (int i = 1; i < 12; ++i) h[i * 12] -= 1;  // S[i][0]
+  for (int i = 0; i < 11; ++i)
+    for (int j = 0; j < 11; ++j) h[(1 + i) * 12 + 1 + j] += chi(j - i);
+  return h;
+}
+
+// The factors of K = 12^a * 2^b, most significant first (the 12s, then the 2s); false if K has
+// another form.
+bool HadamardFactors(int64_t K, std::vector<int>* fs) {
+  fs->clear();
+  if (K < 1) return false;
+  while (K % 3 == 0) {
+    if (K % 12) return false;
+    K /= 12;
+    fs->push_back(12);
+  }
+  while (K % 2 == 0) {
+    K /= 2;
+    fs->push_back(2);
+  }
+  return K == 1;
+}
+
+// Dense H_K, row-major [K][K] (entries +-1): Kronecker products, the first factor most
+// significant: kron(A, B)[i * mB + p][j * mB + q] = A[i][j] * B[p][q].
+std::vector<float> DenseHadamard(int64_t K) {
+  std::vector<int> fs;
+  HadamardFactors(K, &fs);
+  const std::vector<int> h12 = PaleyH12();
+  const int h2[4] = {1, 1, 1, -1};
+  std::vector<float> h(1, 1.0f);
+  int64_t n = 1;
+  for (int m : fs) {
+    const int* hm = m == 12 ? h12.data() : h2;
+    const int64_t nm = n * m;
+    std::vector<float> next(static_cast<size_t>(nm * nm));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        for (int p = 0; p < m; ++p)
+          for (int q = 0; q < m; ++q)
+            next[(i * m + p) * nm + j * m + q] = h[i * n + j] * hm[p * m + q];
+    h.swap(next);
+    n = nm;
+  }
+  return h;
+}
+
+// DenseHadamard of the matmul cases' K (at most 1536: 9 MB), kept between cases.
+const std::vector<float>& CachedHadamard(int64_t K) {
+  static std::map<int64_t, std::vector<float>> cache;
+  auto it = cache.find(K);
+  if (it == cache.end()) it = cache.emplace(K, DenseHadamard(K)).first;
+  return it->second;
+}
+
+// H_K[k][k2] from the definition: the digits of k and k2 in the factors' mixed radix (the
+// first factor most significant), the product of the factors' entries at those digits.
+int HadamardEntry(const std::vector<int>& fs, const std::vector<int>& h12, int64_t k, int64_t k2) {
+  int v = 1;
+  for (size_t f = fs.size(); f-- > 0;) {
+    const int m = fs[f];
+    const int i = static_cast<int>(k % m), j = static_cast<int>(k2 % m);
+    k /= m;
+    k2 /= m;
+    v *= m == 12 ? h12[i * 12 + j] : (i && j ? -1 : 1);
+  }
+  return v;
+}
+
+// The signs d: xorshift32 from 0x2545F491, the state updated before each k's sign is read.
+std::vector<double> XorshiftSigns(int64_t K) {
+  std::vector<double> d(static_cast<size_t>(K));
+  uint32_t s = 0x2545F491u;
+  for (auto& v : d) {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    v = (s >> 31) ? -1.0 : 1.0;
+  }
+  return d;
+}
+
+// The definitions: H_12 @ H_12^T = 12 I and the library's H_12 is Paley's; the library's signs;
+// which K are Hadamard sizes; the dense Kronecker product is the entry-wise definition, and
+// H_K @ H_K^T = K I.
+bool CheckHadamardDefinitions(std::string* why) {
+  const std::vector<int> h12 = PaleyH12();
+  for (int i = 0; i < 12; ++i)
+    for (int j = 0; j < 12; ++j) {
+      int dot = 0;
+      for (int k = 0; k < 12; ++k) dot += h12[i * 12 + k] * h12[j * 12 + k];
+      if (dot != (i == j ? 12 : 0)) {
+        *why = "Paley H_12 @ H_12^T is not 12 I";
+        return false;
+      }
+      if (Hadamard12(i, j) != h12[i * 12 + j]) {
+        *why = "Hadamard12(" + std::to_string(i) + ", " + std::to_string(j) + ") is not Paley's";
+        return false;
+      }
+    }
+  const std::vector<double> d = XorshiftSigns(4096);
+  const std::vector<float> lib = HadamardSigns(4096);
+  for (size_t k = 0; k < d.size(); ++k)
+    if (lib[k] != d[k]) {
+      *why = "HadamardSigns differs from xorshift32 at k=" + std::to_string(k);
+      return false;
+    }
+  for (int64_t K : {1, 2, 4, 12, 24, 48, 64, 96, 144, 192, 288, 384, 576, 768, 1536, 1728, 2304,
+                    3072, 4096, 1 << 20}) {
+    std::vector<int> fs;
+    if (!IsHadamardSize(K) || !HadamardFactors(K, &fs)) {
+      *why = "K=" + std::to_string(K) + " not taken as 12^a * 2^b";
+      return false;
+    }
+  }
+  for (int64_t K : {0, -12, 3, 6, 36, 72, 100, 320, 1000, 11008, 4095}) {
+    std::vector<int> fs;
+    if (IsHadamardSize(K) || HadamardFactors(K, &fs)) {
+      *why = "K=" + std::to_string(K) + " taken as 12^a * 2^b";
+      return false;
+    }
+  }
+  for (int64_t K : {288, 96, 144}) {
+    std::vector<int> fs;
+    HadamardFactors(K, &fs);
+    const std::vector<float> h = DenseHadamard(K);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        if (h[i * K + j] != HadamardEntry(fs, h12, i, j)) {
+          *why = "dense H_" + std::to_string(K) + " is not the Kronecker definition";
+          return false;
+        }
+        double dot = 0.0;
+        for (int64_t k = 0; k < K; ++k) dot += h[i * K + k] * h[j * K + k];
+        if (dot != (i == j ? K : 0)) {
+          *why = "H_" + std::to_string(K) + " @ H^T is not K I";
+          return false;
+        }
+      }
+  }
+  return true;
+}
+
+// HadamardTransform alone against x @ H_K / sqrt(K) from the dense matrix, in double: random
+// rows and unit rows (a unit row e_k gives row k of H_K: the orientation), for every form of K
+// (12s only, 2s only, both; K = 1).
+bool CheckHadamardTransform(std::mt19937& rng, std::string* why) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  double worst = 0.0;
+  for (int64_t K : {1, 2, 4, 12, 24, 48, 64, 96, 144, 192, 288, 384, 576, 768, 1536, 1728, 2304,
+                    4096}) {
+    const std::vector<float> h = DenseHadamard(K);
+    for (int row = 0; row < 4; ++row) {
+      std::vector<float> x(static_cast<size_t>(K));
+      if (row < 3) {
+        for (auto& v : x) v = normal(rng);
+      } else {
+        x[rng() % K] = 1.0f;
+      }
+      std::vector<double> ref(static_cast<size_t>(K), 0.0);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < K; ++j) ref[j] += static_cast<double>(x[k]) * h[k * K + j];
+      double peak = 0.0;
+      for (auto& v : ref) {
+        v /= std::sqrt(static_cast<double>(K));
+        peak = std::max(peak, std::fabs(v));
+      }
+      HadamardTransform(x.data(), K);
+      double err = 0.0;
+      for (int64_t j = 0; j < K; ++j) err = std::max(err, std::fabs(x[j] - ref[j]));
+      worst = std::max(worst, err / peak);
+      if (!(err <= 1e-5 * peak)) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "HadamardTransform K=%lld row %d: max error %g of peak %g",
+                      (long long)K, row, err, peak);
+        *why = buf;
+        return false;
+      }
+    }
+  }
+  std::printf("HadamardTransform: worst relative error %.3g against the dense H_K\n", worst);
+  return true;
+}
+
+// Expected output of a rotated case and its allowed error per element.
+struct RotatedRef {
+  std::vector<double> y, slack;  // [M][N]; slack: int8 path, rounding ties
+  double mag = 0.0;              // the largest sum of |terms| of an output element
+};
+
+// The rotated matmul of case c, computed independently of the driver and kernels: A as the
+// driver reads it (float16-rounded for f16_act), t = (a * input_scale * d) @ H_K / sqrt(K) in
+// double from the dense H_K, then t @ W' + bias in double. Float path: W' from DequantColumn.
+// Int8 path: t (as float) quantized per activation block as quantize_activations specifies
+// (absmax, round half to even) against the int8-path weights UnpackTileU8 gives; an element
+// of t within 1e-3 of a rounding tie may round the other way from the driver's float t, so
+// slack allows one step there. transpose: H_K^T instead of H_K (a wrong orientation).
+RotatedRef RotatedReference(const Case& c, const RandomWeight& w, const std::vector<float>& a,
+                            bool transpose) {
+  const WeightView view = w.View(c.f16_scales);
+  const WeightFormat& f = view.fmt;
+  const int64_t M = c.M, K = c.K, N = c.N, ks = f.k_stored();
+  const bool int8 = c.path == ComputePath::kInt8;
+  const std::vector<float>& h = CachedHadamard(K);
+  const std::vector<double> d = XorshiftSigns(K);
+  const std::vector<KBlock> blocks = MakeKBlocks(f, kActBlockMax);
+  // W' as [N][K] (float path, logical k) or [N][k_stored] (int8 path, stored k).
+  std::vector<double> wt;
+  if (!int8) {
+    wt.resize(static_cast<size_t>(N * K));
+    std::vector<float> col(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      DequantColumn(view, n, col.data());
+      for (int64_t k = 0; k < K; ++k) wt[n * K + k] = col[k];
+    }
+  } else {
+    wt.assign(static_cast<size_t>(N * ks), 0.0);
+    uint8_t u8[kActBlockMax * kTileN];
+    float scale[kTileN], zero[kTileN];
+    for (int64_t t = 0; t < f.n_tiles(); ++t)
+      for (const KBlock& b : blocks) {
+        UnpackTileU8(view, t, b, u8, scale, zero);
+        for (int col = 0; col < kTileN && t * kTileN + col < N; ++col)
+          for (int64_t k = 0; k < b.length; ++k)
+            wt[(t * kTileN + col) * ks + b.offset + k] =
+                static_cast<double>(scale[col]) *
+                (u8[(k >> 2) * 64 + col * 4 + (k & 3)] - static_cast<double>(zero[col]));
+      }
+  }
+  RotatedRef r;
+  r.y.assign(static_cast<size_t>(M * N), 0.0);
+  r.slack.assign(r.y.size(), 0.0);
+  std::vector<double> u(static_cast<size_t>(K)), t(static_cast<size_t>(K));
+  std::vector<double> q(static_cast<size_t>(ks)), sa(static_cast<size_t>(ks));
+  std::vector<char> tie(static_cast<size_t>(ks));
+  std::vector<float> tf(static_cast<size_t>(ks));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float av = c.f16_act ? HalfToFloat(FloatToHalf(a[m * K + k])) : a[m * K + k];
+      u[k] = av * (c.input_scale ? static_cast<double>(w.input_scale[k]) : 1.0) * d[k];
+    }
+    std::fill(t.begin(), t.end(), 0.0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < K; ++j) t[j] += u[k] * (transpose ? h[j * K + k] : h[k * K + j]);
+    for (auto& v : t) v /= std::sqrt(static_cast<double>(K));
+    if (int8) {  // t on the stored axis, zero padded, quantized per block
+      std::fill(tf.begin(), tf.end(), 0.0f);
+      for (int64_t j = 0; j < f.n_groups(); ++j)
+        for (int64_t k = 0; k < f.group_length(j); ++k)
+          tf[f.stored_offset(j) + k] = static_cast<float>(t[j * f.group() + k]);
+      for (const KBlock& b : blocks) {
+        float peak = 0.0f;
+        for (int64_t k = 0; k < b.length; ++k) peak = std::fmax(peak, std::fabs(tf[b.offset + k]));
+        const float inv = peak > 0.0f ? 127.0f / peak : 0.0f;
+        for (int64_t k = b.offset; k < b.offset + b.length; ++k) {
+          const float p = tf[k] * inv;
+          q[k] = std::nearbyint(p);
+          sa[k] = peak / 127.0f;
+          tie[k] = std::fabs(p - std::floor(p) - 0.5f) < 1e-3f;
+        }
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      double y = c.bias ? w.bias[n] : 0.0, mag = std::fabs(y), slack = 0.0;
+      if (!int8) {
+        for (int64_t k = 0; k < K; ++k) {
+          y += t[k] * wt[n * K + k];
+          mag += std::fabs(t[k] * wt[n * K + k]);
+        }
+      } else {
+        for (int64_t k = 0; k < ks; ++k) {
+          const double wk = wt[n * ks + k];
+          y += sa[k] * q[k] * wk;
+          mag += std::fabs(sa[k] * q[k] * wk);
+          if (tie[k]) slack += sa[k] * std::fabs(wk);
+        }
+      }
+      r.y[m * N + n] = y;
+      r.slack[m * N + n] = slack;
+      r.mag = std::max(r.mag, mag);
+    }
+  }
+  return r;
+}
+
+// Largest error of `got` against the reference, and whether every element is within
+// 1e-5 * mag (float summation, the transform in float) + slack + 1e-3 |y| (float16 output).
+bool WithinReference(const Case& c, const RotatedRef& r, const std::vector<float>& got,
+                     double* max_err, double* worst_ratio) {
+  bool ok = true;
+  *max_err = 0.0;
+  *worst_ratio = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(got[i] - r.y[i]);
+    const double tol =
+        1e-5 * r.mag + r.slack[i] + (c.f16_act ? 1e-3 * std::fabs(r.y[i]) : 0.0) + 1e-6;
+    ok = ok && std::isfinite(got[i]) && err <= tol;
+    *max_err = std::max(*max_err, err);
+    *worst_ratio = std::max(*worst_ratio, err / tol);
+  }
+  return ok;
+}
+
+// Rotated cases: every K of the list, each with all 8 combinations of path, float32 / float16
+// activations and input scale, M in {1, 3, 130}; group sizes that divide K, that do not (a
+// partial last group, or one group longer than K) and per-channel; every weight kind.
+Case RotateCase(int i, std::mt19937& rng) {
+  const int64_t Ks[] = {12, 24, 48, 64, 96, 144, 192, 384, 576, 1536};
+  const int64_t Ms[] = {1, 3, 130};
+  const int64_t Ns[] = {16, 40, 17};
+  const int bits_list[] = {2, 3, 4, 8};
+  Case c;
+  c.rotate = true;
+  c.K = Ks[i % 10];
+  const int v = (i / 10) % 8;
+  c.path = v % 2 ? ComputePath::kInt8 : ComputePath::kFloat;
+  c.f16_act = (v / 2) % 2;
+  c.input_scale = (v / 4) % 2;
+  c.M = Ms[(v + i % 10) % 3];
+  c.N = Ns[rng() % 3];
+  c.bits = bits_list[rng() % 4];
+  c.layout = rng() % 4 == 0 ? Layout::kRow : Layout::kTile16;
+  std::vector<int64_t> divide, other;
+  for (int64_t g = 16; g <= std::min<int64_t>(2 * c.K, kMaxGroup); g += 16)
+    (c.K % g ? other : divide).push_back(g);
+  const int kind = static_cast<int>(rng() % 3);
+  if (kind == 1 && !divide.empty())
+    c.group_size = divide[rng() % divide.size()];
+  else if (kind == 2 || (kind == 1 && divide.empty()))
+    c.group_size = other[rng() % other.size()];
+  else
+    c.group_size = 0;
+  c.codebook = rng() % 5 == 0;
+  c.symmetric = !c.codebook && rng() % 4 == 0;
+  c.hierarchical = !c.codebook && !c.symmetric && rng() % 3 == 0;
+  c.scale_bits = 2 + static_cast<int>(rng() % 7);
+  // float16 output: sub-scales up to 256 on 8-bit codes at K = 1536 can exceed its range
+  if (c.f16_act) c.scale_bits = std::min(c.scale_bits, 4);
+  c.super_group = 2 + static_cast<int>(rng() % 3);
+  c.bias = rng() % 3 == 0;
+  c.f16_scales = rng() % 2;
+  return c;
+}
+
+// A rotated case through the driver with table kt against RotatedReference.
+bool CheckRotatedRef(const std::string& name, const KernelTable* kt, const Case& c,
+                     std::mt19937& rng) {
+  RandomWeight w(c, rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> a(static_cast<size_t>(c.M * c.K));
+  for (auto& v : a) v = normal(rng);
+  const auto got = Run(c, w, kt, a, ThreadedFor(3));
+  const RotatedRef r = RotatedReference(c, w, a, false);
+  double max_err = 0.0, ratio = 0.0;
+  if (WithinReference(c, r, got, &max_err, &ratio)) return true;
+  std::printf("FAIL %s: rotated vs dense H_K reference: %s max_err=%g (%.3g x tolerance)\n",
+              name.c_str(), Describe(c).c_str(), max_err, ratio);
+  return false;
+}
+
+// The reference check tells a wrong orientation apart: with H_K^T (H_12 is not symmetric) the
+// driver's output is far outside the tolerance; unrotated too.
+bool CheckReferenceDiscriminates(std::mt19937& rng, std::string* why) {
+  for (int path = 0; path < 2; ++path) {
+    Case c;
+    c.rotate = true;
+    c.M = 3;
+    c.K = 144;
+    c.N = 40;
+    c.bits = 3;
+    c.group_size = 48;
+    c.layout = Layout::kTile16;
+    c.path = path ? ComputePath::kInt8 : ComputePath::kFloat;
+    c.symmetric = c.hierarchical = c.codebook = c.input_scale = c.bias = c.f16_act = false;
+    c.f16_scales = true;
+    RandomWeight w(c, rng);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> a(static_cast<size_t>(c.M * c.K));
+    for (auto& v : a) v = normal(rng);
+    const auto got = Run(c, w, RefKernels(), a, SerialFor());
+    double max_err = 0.0, ratio = 0.0;
+    if (!WithinReference(c, RotatedReference(c, w, a, false), got, &max_err, &ratio)) {
+      *why = "rotated case outside its reference";
+      return false;
+    }
+    if (WithinReference(c, RotatedReference(c, w, a, true), got, &max_err, &ratio) ||
+        ratio < 100.0) {
+      *why = "a reference with H_K^T is not told apart (" + std::to_string(ratio) + " x tol)";
+      return false;
+    }
+    c.rotate = false;
+    const auto plain = Run(c, w, RefKernels(), a, SerialFor());
+    if (WithinReference(c, RotatedReference(c, w, a, false), plain, &max_err, &ratio) ||
+        ratio < 100.0) {
+      *why = "an unrotated run is not told apart (" + std::to_string(ratio) + " x tol)";
+      return false;
+    }
+  }
+  return true;
+}
+
+// rotate = 0 is the driver as it was before rotation existed: RunMatMul against the steps it
+// took (each group copied or converted, then scaled, zero padded; quantize_activations on the
+// int8 path; the table's matmul over every tile and row; float16 output rounded), bit for bit.
+bool CheckUnrotatedUnchanged(const std::string& name, const KernelTable* kt, std::mt19937& rng) {
+  const int64_t Ms[] = {1, 3, 130};
+  bool ok = true;
+  for (int trial = 0; trial < 24; ++trial) {
+    Case c = ExtraCase(trial, rng);
+    c.M = Ms[trial % 3];
+    c.K = std::min<int64_t>(c.K, 600);
+    c.input_scale = trial / 3 % 2;
+    c.f16_act = trial / 6 % 2;
+    c.rotate = false;
+    RandomWeight w(c, rng);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> a(static_cast<size_t>(c.M * c.K));
+    for (auto& v : a) v = normal(rng);
+    const auto got = Run(c, w, kt, a, SerialFor());
+
+    const WeightView view = w.View(c.f16_scales);
+    const WeightFormat& f = view.fmt;
+    const std::vector<KBlock> blocks = MakeKBlocks(f, kActBlockMax);
+    const int64_t lda = f.k_stored() + 64, nb = static_cast<int64_t>(blocks.size());
+    std::vector<float> a_pad(static_cast<size_t>(c.M * lda), 0.0f);
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t j = 0; j < f.n_groups(); ++j) {
+        const int64_t src = j * f.group(), len = f.group_length(j);
+        float* dst = a_pad.data() + m * lda + f.stored_offset(j);
+        for (int64_t k = 0; k < len; ++k) {
+          const float v = a[m * c.K + src + k];
+          dst[k] = c.f16_act ? HalfToFloat(FloatToHalf(v)) : v;
+        }
+        if (c.input_scale)
+          for (int64_t k = 0; k < len; ++k) dst[k] *= w.input_scale[src + k];
+      }
+    std::vector<int8_t> a8(a_pad.size());
+    std::vector<float> sa(static_cast<size_t>(c.M * nb));
+    std::vector<int32_t> su(sa.size());
+    MatMulArgs args;
+    args.w = &view;
+    args.blocks = blocks.data();
+    args.n_blocks = nb;
+    args.path = c.path;
+    args.M = c.M;
+    args.a_f32 = a_pad.data();
+    args.lda = lda;
+    if (c.path == ComputePath::kInt8) {
+      kt->quantize_activations(a_pad.data(), c.M, lda, blocks.data(), nb, a8.data(), sa.data(),
+                               su.data());
+      args.a_i8 = a8.data();
+      args.a_scale = sa.data();
+      args.a_sum = su.data();
+    }
+    std::vector<float> before(static_cast<size_t>(c.M * c.N), NAN);
+    args.y = before.data();
+    args.ldy = c.N;
+    args.bias = w.bias.empty() ? nullptr : w.bias.data();
+    kt->matmul(args, 0, f.n_tiles(), 0, c.M);
+    if (c.f16_act)
+      for (auto& v : before) v = HalfToFloat(FloatToHalf(v));
+    if (std::memcmp(before.data(), got.data(), got.size() * sizeof(float))) {
+      std::printf("FAIL %s: rotate = 0 not bit-identical to the unrotated driver: %s\n",
+                  name.c_str(), Describe(c).c_str());
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+// QxMultiMatMul with rotate = [1, 0] (and [0, 1]): a rotated and an unrotated weight of one
+// input in one RunMatMuls call give each what RunMatMul gives alone, bit for bit.
+bool CheckRotatedMulti(const std::string& name, const KernelTable* kt, std::mt19937& rng) {
+  const int64_t Ks[] = {96, 576, 144, 24};
+  const int64_t Ms[] = {1, 130, 3, 5};
+  bool ok = true;
+  for (int trial = 0; trial < 4; ++trial) {
+    Case c[2];
+    for (int i = 0; i < 2; ++i) {
+      c[i] = RotateCase(trial, rng);
+      c[i].K = Ks[trial];
+      c[i].M = Ms[trial];
+      c[i].path = trial % 2 ? ComputePath::kInt8 : ComputePath::kFloat;  // one per node
+      c[i].f16_act = trial / 2 % 2;
+      c[i].rotate = (i + trial) % 2 == 0;
+    }
+    RandomWeight w0(c[0], rng), w1(c[1], rng);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> a(static_cast<size_t>(c[0].M * c[0].K));
+    for (auto& v : a) v = normal(rng);
+    const ParallelFor pf = ThreadedFor(3);
+    const auto y0 = Run(c[0], w0, kt, a, pf), y1 = Run(c[1], w1, kt, a, pf);
+    const MatMulPlan p0 = TestPlan(c[0], w0, kt), p1 = TestPlan(c[1], w1, kt);
+    const MatMulPlan* plans[2] = {&p0, &p1};
+    std::vector<float> z0(y0.size(), NAN), z1(y1.size(), NAN);
+    if (c[0].f16_act) {
+      std::vector<uint16_t> a16(a.size()), z16_0(z0.size()), z16_1(z1.size());
+      for (size_t i = 0; i < a.size(); ++i) a16[i] = FloatToHalf(a[i]);
+      void* ys[2] = {z16_0.data(), z16_1.data()};
+      RunMatMuls(plans, 2, a16.data(), ElemType::kFloat16, c[0].M, ys, pf);
+      for (size_t i = 0; i < z0.size(); ++i) z0[i] = HalfToFloat(z16_0[i]);
+      for (size_t i = 0; i < z1.size(); ++i) z1[i] = HalfToFloat(z16_1[i]);
+    } else {
+      void* ys[2] = {z0.data(), z1.data()};
+      RunMatMuls(plans, 2, a.data(), ElemType::kFloat32, c[0].M, ys, pf);
+    }
+    if (std::memcmp(y0.data(), z0.data(), y0.size() * sizeof(float)) ||
+        std::memcmp(y1.data(), z1.data(), y1.size() * sizeof(float))) {
+      std::printf("FAIL %s: RunMatMuls of a rotated and an unrotated weight differs from "
+                  "RunMatMul: %s / %s\n",
+                  name.c_str(), Describe(c[0]).c_str(), Describe(c[1]).c_str());
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -481,6 +1024,21 @@ int main(int argc, char** argv) {
 
   int passed = 0, failed = 0;
   std::mt19937 rng(seed);
+  // The rotation tests draw from their own stream: the other cases stay what they were.
+  std::mt19937 rot_rng(seed + 1);
+  {
+    std::string why;
+    for (int check = 0; check < 3; ++check) {
+      const bool ok = check == 0   ? CheckHadamardDefinitions(&why)
+                      : check == 1 ? CheckHadamardTransform(rot_rng, &why)
+                                   : CheckReferenceDiscriminates(rot_rng, &why);
+      if (ok) ++passed;
+      else {
+        std::printf("FAIL rotation: %s\n", why.c_str());
+        ++failed;
+      }
+    }
+  }
   const int64_t Ms[] = {1, 2, 3, 7, 64, 129};
   const int64_t Ns[] = {1, 7, 64, 4097, 33};
   const int bits_list[] = {2, 3, 4, 8};
@@ -564,6 +1122,20 @@ int main(int argc, char** argv) {
       if (CheckCase(name, kt, LongKCase(i, rng), rng)) ++passed;
       else ++failed;
     }
+    // Rotation (rotate = 1): against the reference table, as every case above, and against the
+    // dense H_K reference; rotate = 0 bit-identical to the driver before rotation.
+    for (int i = 0; i < 80; ++i) {
+      if (CheckCase(name, kt, RotateCase(i, rot_rng), rot_rng)) ++passed;
+      else ++failed;
+    }
+    for (int i = 0; i < 80; ++i) {
+      if (CheckRotatedRef(name, kt, RotateCase(i, rot_rng), rot_rng)) ++passed;
+      else ++failed;
+    }
+    if (CheckUnrotatedUnchanged(name, kt, rot_rng)) ++passed;
+    else ++failed;
+    if (CheckRotatedMulti(name, kt, rot_rng)) ++passed;
+    else ++failed;
   }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

@@ -84,7 +84,9 @@ def refine_stage(
     tunable = {
         k: q
         for k, q in weights.items()
-        if q.codebook is None and all(m.rule != "gather" for m in matches[k])
+        if q.codebook is None
+        and not q.fmt.rotate  # learned rounding moves codes of W, not of a rotated W'
+        and all(m.rule != "gather" for m in matches[k])
     }
     affected = _downstream(stage, [m.node for k in tunable for m in matches[k]])
     outputs = [

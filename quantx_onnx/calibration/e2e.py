@@ -88,7 +88,9 @@ def scale_span(q: QuantizedWeight, span: int) -> int:
     folds into stored scales, and at least ``span``."""
     f = q.fmt
     unit = f.group * (f.super_group if f.hierarchical else 1)
-    if span <= 0 or span >= f.K:
+    # a rotated weight's stored scales cover rotated input channels: the graph's W (the
+    # unrotated one) has no block a multiplier could stand for, only whole columns
+    if span <= 0 or span >= f.K or f.rotate:
         return f.K
     return min(f.K, unit * -(-span // unit))
 
@@ -364,7 +366,7 @@ def tune_end_to_end(
         rounders = {
             k.initializer: _Rounding(torch, k, q, dev)
             for k, q in weights.items()
-            if q.codebook is None
+            if q.codebook is None and not q.fmt.rotate  # codes of W', not of the graph's W
         }
 
     def tensors(f):

@@ -26,9 +26,15 @@ struct MatMulPlan {
   std::vector<KBlock> blocks;
   const float* input_scale = nullptr;  // [K] or nullptr
   const float* bias = nullptr;         // [N] or nullptr
+  // Attribute rotate = 1: every row a of A (input_scale applied) becomes
+  // (a * d) @ H_K / sqrt(K) before the matmul (quantx/hadamard.h). K must satisfy
+  // IsHadamardSize; rotate_signs holds d ([K] of +-1), filled by InitPlan or the caller.
+  bool rotate = false;
+  std::vector<float> rotate_signs;
 };
 
-// Splits the stored k axis into blocks (at most kActBlockMax long, inside one group).
+// Splits the stored k axis into blocks (at most kActBlockMax long, inside one group); with
+// rotate, fills rotate_signs.
 void InitPlan(MatMulPlan* plan);
 
 // Y[M, N] = A[M, K] * W + bias. A and Y have type `type` (float16 as raw uint16 bits).

@@ -15,6 +15,7 @@
 
 #include "../kernels/decode.h"
 #include "quantx/dispatch.h"
+#include "quantx/hadamard.h"
 #include "quantx/matmul.h"
 #include "quantx/quantx_ops.h"
 
@@ -127,6 +128,45 @@ int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, bool require
     return dflt;
   }
   return v;
+}
+
+// Whether the node has attribute `name` as an int or float (scalar), or as ints (ORT has no
+// type-free test; reading ints succeeds on an int attribute too, with no values).
+bool HasAttr(const Ort::ConstKernelInfo& info, const char* name, bool scalar_only) {
+  int64_t i = 0;
+  float f = 0.0f;
+  size_t size = 0;
+  for (int type = 0; type < (scalar_only ? 2 : 3); ++type) {
+    OrtStatus* st = type == 0   ? g_api->KernelInfoGetAttribute_int64(info, name, &i)
+                    : type == 1 ? g_api->KernelInfoGetAttribute_float(info, name, &f)
+                                : g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr,
+                                                                           &size);
+    if (!st) return true;
+    g_api->ReleaseStatus(st);
+  }
+  return false;
+}
+
+// Attribute 'rotate' of QxMatMul and QxGather: an int, 0 when absent. One of another type is
+// an error, not a silent 0: a weight stored rotated gives wrong results when run unrotated.
+int64_t RotateAttr(const Ort::ConstKernelInfo& info, const std::string& node,
+                   const std::string& op) {
+  int64_t v = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, "rotate", &v);
+  if (!st) return v;
+  g_api->ReleaseStatus(st);
+  if (HasAttr(info, "rotate", false))
+    Fail(node, op, "attribute 'rotate' must be an int (0 or 1)");
+  return 0;
+}
+
+// A weight's rotate value checked (quantx/hadamard.h): 0 or 1, and 1 only where H_K exists.
+bool CheckedRotate(int64_t rotate, int64_t K, const std::string& node, const std::string& op) {
+  if (rotate != 0 && rotate != 1)
+    Fail(node, op, "attribute 'rotate' must be 0 or 1, got " + std::to_string(rotate));
+  if (rotate && !IsHadamardSize(K))
+    Fail(node, op, "attribute 'rotate' = 1 needs K = 12^a * 2^b, got K=" + std::to_string(K));
+  return rotate == 1;
 }
 
 // Attributes common to QxMatMul and QxGather.
@@ -331,6 +371,8 @@ struct MatMulKernel {
   WeightInputs weights;
   size_t bias_index = 0;
   std::vector<KBlock> blocks;
+  bool rotate = false;
+  std::vector<float> rotate_signs;  // d of the rotation, when rotate
   // When every weight input and the bias are constant initializers, the whole plan is built
   // once here (the tensors live as long as the session) and each run only checks A.
   bool cached = false;
@@ -342,6 +384,8 @@ struct MatMulKernel {
     node = NodeName(info);
     fmt = ReadFormat(info, node, "QxMatMul");
     path = ReadPath(info, node, "QxMatMul");
+    rotate = CheckedRotate(RotateAttr(info, node, "QxMatMul"), fmt.K, node, "QxMatMul");
+    if (rotate) rotate_signs = HadamardSigns(fmt.K);
     std::string why;
     kernels = SelectKernels(&why);
     if (!kernels) Fail(node, "QxMatMul", why);
@@ -372,6 +416,8 @@ struct MatMulKernel {
     p.blocks = blocks;
     p.input_scale = d.input_scale.empty() ? nullptr : d.input_scale.data();
     p.bias = bias.empty() ? nullptr : bias.data();
+    p.rotate = rotate;
+    if (rotate) p.rotate_signs = rotate_signs;
     return p;
   }
 
@@ -448,6 +494,11 @@ struct MultiMatMulKernel {
                std::to_string(n));
     const auto bits = list("bits", true, n), groups = list("group_size", true, n);
     const auto scale_bits = list("scale_bits", false, n), supers = list("super_group", false, n);
+    // rotate: one value per weight, all 0 when absent; a single int or float is refused
+    // rather than taken for absent (a rotated weight run unrotated gives wrong results).
+    if (HasAttr(info, "rotate", true))
+      Fail(node, op, "attribute 'rotate' must be a list of ints, one per weight");
+    const auto rotates = list("rotate", false, n);
     const int64_t layout = IntAttr(info, "layout", false, 0, node, op);
     const ComputePath path = ReadPath(info, node, op);
     std::string why;
@@ -464,10 +515,12 @@ struct MultiMatMulKernel {
 
     weights.resize(n);  // sized once: the plans point into them
     biases.resize(n);
+    std::vector<bool> rotated(n);
     for (size_t i = 0; i < n; ++i) {
       const std::string which = op + " weight " + std::to_string(i);
       fmts.push_back(
           MakeFormat(K, Ns[i], bits[i], groups[i], layout, scale_bits[i], supers[i], node, which));
+      rotated[i] = CheckedRotate(rotates[i], K, node, which);
       const size_t first = 1 + i * kFusedSlots;
       weights[i].Init(info, fmts[i], first, node, which);
       bool bias_wired = false;
@@ -491,6 +544,8 @@ struct MultiMatMulKernel {
       p.input_scale =
           weights[i].derived.input_scale.empty() ? nullptr : weights[i].derived.input_scale.data();
       p.bias = biases[i].empty() ? nullptr : biases[i].data();
+      p.rotate = rotated[i];
+      if (p.rotate) p.rotate_signs = HadamardSigns(K);
       plans.push_back(std::move(p));
     }
   }
@@ -536,6 +591,8 @@ struct GatherKernel {
     if (dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
       Fail(node, "QxGather", "attribute 'dtype' must be 1 (float) or 10 (float16)");
     out_type = static_cast<ONNXTensorElementDataType>(dtype);
+    if (RotateAttr(info, node, "QxGather") != 0)
+      Fail(node, "QxGather", "attribute 'rotate' must be 0 (a table's rows are not rotated)");
     weights.Init(info, fmt, 1, node, "QxGather");
   }
 
