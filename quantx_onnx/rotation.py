@@ -102,6 +102,20 @@ def unrotate_weight(w_kn: np.ndarray) -> np.ndarray:
     return rotation(w.shape[0]) @ w
 
 
+def torch_rotate_rows(torch, x, K: int):
+    """``rotate_rows`` for a torch tensor x[..., K] in O(K log K): the signs, then each
+    Kronecker factor along its own axis (as the kernels do; no dense K x K product)."""
+    d = torch.as_tensor(signs(K), dtype=x.dtype, device=x.device)
+    lead = x.shape[:-1]
+    fs = factors(K)
+    y = (x * d).reshape(*lead, *fs)
+    for axis, m in enumerate(fs, start=len(lead)):
+        h = paley12() if m == 12 else np.array([[1, 1], [1, -1]])
+        h = torch.as_tensor(h, dtype=x.dtype, device=x.device)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ h, -1, axis)  # y[.., j, ..] = sum_i y_i h_ij
+    return y.reshape(*lead, K) * (1.0 / np.sqrt(K))
+
+
 def rotate_hessian(h: np.ndarray) -> np.ndarray:
     """Q^T H Q: the input second moment in the rotated basis."""
     q = rotation(h.shape[0])

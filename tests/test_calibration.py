@@ -700,11 +700,13 @@ def test_e2e_step_tunes_on_the_first_windows_of_own_text(tiny_with_tokenizer, tm
     assert _first_windows(feeds, 100) == feeds
 
 
-def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(tiny_llama, tmp_path):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(rotate, tiny_llama, tmp_path):
     """--e2e-span: one tuned multiplier per column and block of input channels instead of per
-    column. The blocks follow the format's scale groups, so the file keeps its format and size
-    and means exactly what its numpy reference says; the held-out KL is no worse than with
-    whole-column multipliers from the same layer-wise start."""
+    column. The blocks follow the format's scale groups (of rotated channels for rotated
+    weights), so the file keeps its format and size and means exactly what its numpy
+    reference says; the held-out KL is no worse than with whole-column multipliers from the
+    same layer-wise start."""
     calib, held_out = _tuning_feeds(tiny_llama)
     kl, reps, sizes = {}, {}, {}
     for span in (0, 32):
@@ -716,7 +718,7 @@ def test_block_scale_multipliers_fold_into_stored_scales_and_lower_kl(tiny_llama
             scale_bits=0,
             accuracy_level=0,
             e2e_span=span,
-            rotate=False,  # rotated weights keep whole-column multipliers
+            rotate=rotate,
         )
         out = tmp_path / str(span)
         reps[span] = optimize(tiny_llama, out, cfg, calib_feeds=calib)

@@ -243,3 +243,13 @@ def test_portable_and_rotation_exclude_each_other(tiny_llama, tmp_path):
     assert rotated.config.rotate is True
     with pytest.raises(InputError, match="stored rotated.*--no-rotate"):
         convert(tmp_path / "r", tmp_path / "r-portable")
+
+
+@pytest.mark.parametrize("K", [12, 64, 576, 1536])
+def test_torch_rotation_matches_the_dense_reference(K, rng):
+    """The end-to-end step's fast rotation (torch) against the dense numpy Q."""
+    import torch
+
+    x = rng.standard_normal((2, 3, K))
+    got = rotation.torch_rotate_rows(torch, torch.from_numpy(x), K).numpy()
+    np.testing.assert_allclose(got, rotation.rotate_rows(x), rtol=1e-10, atol=1e-10)

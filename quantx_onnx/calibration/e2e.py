@@ -45,7 +45,8 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from ..format import QuantizedWeight, dequantize, hierarchical_scales
+from .. import rotation
+from ..format import QuantizedWeight, dequantize, hierarchical_scales, stored_weight
 from ..passes import LinearMatch, WeightKey
 from ..passes.subgraph import backward_slice
 from ..quantize.grid import round_scales
@@ -88,9 +89,7 @@ def scale_span(q: QuantizedWeight, span: int) -> int:
     folds into stored scales, and at least ``span``."""
     f = q.fmt
     unit = f.group * (f.super_group if f.hierarchical else 1)
-    # a rotated weight's stored scales cover rotated input channels: the graph's W (the
-    # unrotated one) has no block a multiplier could stand for, only whole columns
-    if span <= 0 or span >= f.K or f.rotate:
+    if span <= 0 or span >= f.K:
         return f.K
     return min(f.K, unit * -(-span // unit))
 
@@ -263,10 +262,12 @@ def tuning_step(torch, loss, opt, multipliers, rounders, lr, step, steps) -> Non
                 r.offset.sub_(1.5 / steps * decay * r.offset.grad.sign()).clamp_(-1.0, 1.0)
 
 
-def _node_wrapper(m: LinearMatch, c, r, k_block=None):
+def _node_wrapper(m: LinearMatch, c, r, k_block=None, rotated=None):
     """The function run in place of ``m``'s node: its weight read as diag(r) W diag(c); with
     block multipliers (``c[N, B]``, ``k_block[k]`` the block of input channel k) W[k, n] is
-    multiplied by ``c[n, k_block[k]]`` instead."""
+    multiplied by ``c[n, k_block[k]]`` instead. ``rotated``: (torch, input scale or None) of a
+    rotated weight, whose graph weight is then the stored W' (as the kernels: the input
+    scaled and rotated, then W'; the blocks are of rotated channels, as its stored scales)."""
     if m.rule == "gather":  # rows of E = W^T: row n scaled by c[n], channel k by r[k]
 
         def gather(op, args, attrs):
@@ -279,6 +280,10 @@ def _node_wrapper(m: LinearMatch, c, r, k_block=None):
 
     def linear(op, args, attrs):
         x = args[0] * r if r is not None else args[0]
+        if rotated is not None:
+            torch, in_scale = rotated
+            x = x * in_scale if in_scale is not None else x
+            x = rotation.torch_rotate_rows(torch, x, x.shape[-1])
         if k_block is None:
             y = op([x, args[1]], attrs)[0] * c  # Gemm: alpha * A @ B; its bias is added after
         else:  # the weight input itself scaled: [K, N] (MatMul, Gemm), [N, K] (Gemm transB)
@@ -333,8 +338,14 @@ def tune_end_to_end(
     # quantized weights as seen by the graph: dequantized, in the initializer's orientation
     frozen = {}
     columns, rows, spans, k_blocks = {}, {}, {}, {}
+    rotations = {}
     for key, q in weights.items():
-        w = dequantize(q) / np.float32(key.alpha)
+        if q.fmt.rotate:  # the graph reads W' and the wrapper rotates (_node_wrapper)
+            ins = None if q.input_scale is None else torch.from_numpy(q.input_scale).to(dev)
+            rotations[key] = (torch, ins)
+            w = stored_weight(q) / np.float32(key.alpha)
+        else:
+            w = dequantize(q) / np.float32(key.alpha)
         frozen[key.initializer] = torch.from_numpy(
             np.ascontiguousarray(w.T if key.transposed else w)
         ).to(dev)
@@ -348,7 +359,7 @@ def tune_end_to_end(
             rows[key] = torch.ones(q.fmt.K, device=dev, requires_grad=True)
     wrap = {
         m.node.outputs[0].name: _node_wrapper(
-            m, columns[m.key], rows.get(m.key), k_blocks.get(m.key)
+            m, columns[m.key], rows.get(m.key), k_blocks.get(m.key), rotations.get(m.key)
         )
         for m in matches
         if m.key in weights
