@@ -106,7 +106,7 @@ class QuantConfig:
     portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
     # quantize each GPTQ'd matrix in a randomized Hadamard basis (rotation.py; the kernels
     # rotate its activations). None: on for calibrated runs with QuantX nodes (SmolLM2's
-    # default: about a fifth less perplexity loss, docs/ACCURACY.md)
+    # default: 13-19% less perplexity loss, docs/ACCURACY.md)
     rotate: bool | None = None
     # VLM folders (quantx_onnx.vlm): per-component bits ("vision=4,text=3") and calibration
     # images (a folder or one file)
