@@ -74,3 +74,9 @@ def replace(
 
 
 RULE = Rule("gather", pattern, check, replace, why_not)
+
+
+def read_by_matmul(tables: set, matches: list[LinearMatch]) -> set:
+    """The tables (weight keys of Gather matches) that a MatMul or Gemm also reads: tied
+    lm_heads, whose weight the output projection multiplies as well as the lookup gathers."""
+    return {m.key for m in matches if m.rule != "gather" and m.key in tables}

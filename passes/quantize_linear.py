@@ -212,9 +212,6 @@ def quantize_linear_nodes(
         w = weight_array(weight, key)
         qw = quantize(key, w, matches)
         del w
-        if qw.fmt.rotate and any(m.rule == "gather" for m in matches):
-            # QxGather returns stored rows; a rotated table would need the inverse per row
-            raise ValueError(f"{weight.name}: an embedding table cannot be stored rotated")
         packed = pack(qw)
         inputs = _register_packed(graph, key, packed, make_tensor)
         attributes = {**qw.fmt.attributes(), "accuracy_level": int(accuracy_level)}

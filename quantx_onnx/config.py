@@ -167,14 +167,17 @@ class QuantConfig:
         except ValueError as e:
             raise InputError(str(e)) from None
 
-    def embedding_fields(self) -> dict:
+    def embedding_fields(self, matmul_reads: bool = True) -> dict:
+        """The recipe fields of an embedding table or lm_head. ``matmul_reads``: a MatMul reads
+        the weight (an lm_head, tied to a table or not), so it is rotated as the run's other
+        matrices are (QxGather un-rotates the rows it returns); a table only gathered keeps
+        its basis (rotation measured only where the lm_head reads it: docs/ACCURACY.md)."""
         bits = max(self.bits, 4) if self.embedding_bits is None else self.embedding_bits
-        # a table's rows are gathered as stored: never rotated (nor its tied lm_head)
         return {
             "bits": bits,
             "group_size": self.embedding_group_size,
             "scale_bits": 0,
-            "rotate": False,
+            "rotate": bool(self.rotate) and matmul_reads,
         }
 
     @property

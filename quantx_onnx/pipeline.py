@@ -26,6 +26,7 @@ from .format import Layout
 from .genai import GenaiReport, write_genai_config
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
+from .passes.gather_rule import read_by_matmul
 from .passes.logits_rule import add_logits_to_keep
 from .passes.multi_matmul_rule import fuse_multi_matmuls
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
@@ -278,7 +279,7 @@ def _plan(
     weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
     base, pinned = {}, set()
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
-    table_recipe = dataclasses.replace(recipe, **config.embedding_fields())
+    tied = read_by_matmul(tables, matches)
     for k, ms in by_key.items():
         names = [k.initializer, *(m.name for m in ms)]
         base[k] = recipe_for(recipe, overrides, names)
@@ -296,7 +297,11 @@ def _plan(
     # end-to-end tuning adds an fp16 input scale (K values) to every quantized weight
     shapes = [w.shape for w in weights.values()]
     reserved = _input_scale_bytes(shapes) if _tunes_input_channels(shapes, config) else 0
-    table_recipes = {k: table_recipe for k in tables if config.embedding_bits != 0}
+    table_recipes = {
+        k: dataclasses.replace(recipe, **config.embedding_fields(k in tied))
+        for k in tables
+        if config.embedding_bits != 0
+    }
     try:
         if not config.plan_search:  # the default run's plan, as before
             return make_plan(
@@ -532,7 +537,9 @@ def optimize(
     matches = [m for _, m in accepted]
     tables = {m.key for m in matches if m.rule == "gather"}
     if config.embedding_bits != 0:  # tables read by a Gather (with their tied lm_head)
-        quantizer = with_recipe_for(tables, config.embedding_fields(), quantizer)
+        tied = read_by_matmul(tables, matches)
+        quantizer = with_recipe_for(tied, config.embedding_fields(), quantizer)
+        quantizer = with_recipe_for(tables - tied, config.embedding_fields(False), quantizer)
 
     cache: dict[WeightKey, object] = {}
     entries: dict[WeightKey, dict] = {}

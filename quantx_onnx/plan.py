@@ -7,7 +7,8 @@ Candidates per matrix are the run's own grid (group size, scale format) at 2, 3,
 dedicated recipe (4-bit, fp16 scales per 32). Each candidate is priced by its exact stored
 bytes and its estimated loss increase, 1/2 tr(dW^T F dW) per token, with dW the error of an
 importance-weighted clip-search rounding (the final GPTQ pass lowers every candidate's error
-by a similar factor, so the ranking holds). User overrides pin their matrices.
+by a similar factor, so the ranking holds), made in the rotated basis for recipes that rotate
+(as GPTQ will quantize them). User overrides pin their matrices.
 
 With an explicit budget (``--budget-bpw``, ``--budget-mb``, ``--speedup``) the search is wider:
 group sizes 32 and 128 and fp16 or hierarchical scales besides the bits (:data:`SEARCH_GROUPS`),
@@ -21,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from . import rotation
 from .allocate import Candidate, allocate, allocate_with_time, fastest_time, plan_time
 from .calibration.sensitivity import Sensitivity
 from .format import SUPPORTED_BITS, Layout, WeightFormat, dequantize
@@ -85,22 +87,50 @@ def search_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
     return out
 
 
+class _Problem:
+    """One matrix as a candidate quantizes it: W and the Fisher diagonal that weights its clip
+    search, and, made on first use, the same in the rotated basis (W' = Q^T W, diag(Q^T F Q))
+    for recipes that rotate: a rotated candidate is priced by the error it makes there."""
+
+    def __init__(self, key: WeightKey, w_kn: np.ndarray, sens: Sensitivity):
+        self.w = np.asarray(w_kn, np.float32)
+        self.fisher = sens.fisher.get(key)
+        self.importance = None if self.fisher is None else np.diag(self.fisher)
+        self._rotated = None
+
+    def rotated(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._rotated is None:
+            q = rotation.rotation(self.w.shape[0])
+            imp = None if self.fisher is None else ((self.fisher @ q) * q).sum(axis=0)
+            self._rotated = (rotation.rotate_weight(self.w).astype(np.float32), imp)
+        return self._rotated
+
+
 def estimate(
-    recipe: Recipe, key: WeightKey, w_kn: np.ndarray, sens: Sensitivity, layout: Layout
+    recipe: Recipe,
+    key: WeightKey,
+    w_kn: np.ndarray,
+    sens: Sensitivity,
+    layout: Layout,
+    problem: _Problem | None = None,
 ) -> float:
     """Estimated loss increase of ``recipe`` on W (clip search weighted by the Fisher
-    diagonal; symmetric grids round to nearest)."""
+    diagonal; symmetric grids round to nearest), in the rotated basis where the recipe
+    rotates (its error taken back to W's basis). ``problem`` caches per-matrix work."""
     K, N = w_kn.shape
+    problem = problem or _Problem(key, w_kn, sens)
     fmt: WeightFormat = recipe.format(K, N, layout)
-    w = np.asarray(w_kn, np.float32)
+    w, imp = problem.rotated() if recipe.rotates(K) else (problem.w, problem.importance)
     if recipe.symmetric:
         q = quantize_rtn(w, fmt, symmetric=True)
     else:
-        imp = np.diag(sens.fisher[key]) if key in sens.fisher else None
         w_nk = np.ascontiguousarray(w.T)
         scales, lo = clip_search(w_nk, fmt, imp)
         q = finish_uniform(w_nk, fmt, scales, lo, False, np.float16)
-    return sens.loss_increase(key, w, dequantize(q))
+    w_hat = dequantize(q)
+    if recipe.rotates(K):
+        w_hat = rotation.unrotate_weight(w_hat)
+    return sens.loss_increase(key, problem.w, w_hat)
 
 
 @dataclasses.dataclass
@@ -176,10 +206,12 @@ def price_candidates(
         bases = [base[key]] + ([tables[key]] if key in tables and tables[key] != base[key] else [])
         pick = search_recipes if search else candidate_recipes
         out = []
+        problem = _Problem(key, w, sens)
         for r in pick(bases, key in pinned):
             c = None if prices is None else prices.get((key, r))
             if c is None:
-                c = Candidate(r, stored_bytes(r, K, N, layout), estimate(r, key, w, sens, layout))
+                loss = estimate(r, key, w, sens, layout, problem)
+                c = Candidate(r, stored_bytes(r, K, N, layout), loss)
                 if prices is not None:
                     prices[(key, r)] = c
             t = 0.0

@@ -38,7 +38,8 @@ class Recipe:
     scale_bits: int = 0
     super_group: int = 8
     # quantize in a rotated input basis where K allows it (rotation.py; GPTQ, MSE and RTN):
-    # quantize_with sets the format's ``rotate``; format() and the plan's prices are unrotated
+    # quantize_with sets the format's ``rotate`` (format() never does: a format with rotate=1
+    # holding unrotated codes would be silently wrong); the plan prices rotated candidates
     rotate: bool = False
 
     def rotates(self, K: int) -> bool:

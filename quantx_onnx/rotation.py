@@ -90,6 +90,13 @@ def rotate_rows(x: np.ndarray) -> np.ndarray:
     return x @ rotation(x.shape[-1])
 
 
+def unrotate_rows(x: np.ndarray) -> np.ndarray:
+    """x @ Q^T for rows x[..., K] (float64): a rotated table's stored rows back in the basis
+    its Gather returns."""
+    x = np.asarray(x, np.float64)
+    return x @ rotation(x.shape[-1]).T
+
+
 def rotate_weight(w_kn: np.ndarray) -> np.ndarray:
     """W' = Q^T W (float64): the weight to quantize for a rotated node."""
     w = np.asarray(w_kn, np.float64)
@@ -102,18 +109,20 @@ def unrotate_weight(w_kn: np.ndarray) -> np.ndarray:
     return rotation(w.shape[0]) @ w
 
 
-def torch_rotate_rows(torch, x, K: int):
+def torch_rotate_rows(torch, x, K: int, inverse: bool = False):
     """``rotate_rows`` for a torch tensor x[..., K] in O(K log K): the signs, then each
-    Kronecker factor along its own axis (as the kernels do; no dense K x K product)."""
+    Kronecker factor along its own axis (as the kernels do; no dense K x K product).
+    ``inverse``: ``unrotate_rows`` (x @ Q^T: each factor transposed, the signs last)."""
     d = torch.as_tensor(signs(K), dtype=x.dtype, device=x.device)
     lead = x.shape[:-1]
     fs = factors(K)
-    y = (x * d).reshape(*lead, *fs)
+    y = (x if inverse else x * d).reshape(*lead, *fs)
     for axis, m in enumerate(fs, start=len(lead)):
         h = paley12() if m == 12 else np.array([[1, 1], [1, -1]])
-        h = torch.as_tensor(h, dtype=x.dtype, device=x.device)
+        h = torch.as_tensor(h.T if inverse else h, dtype=x.dtype, device=x.device)
         y = torch.movedim(torch.movedim(y, axis, -1) @ h, -1, axis)  # y[.., j, ..] = sum_i y_i h_ij
-    return y.reshape(*lead, K) * (1.0 / np.sqrt(K))
+    y = y.reshape(*lead, K) * (1.0 / np.sqrt(K))
+    return y * d if inverse else y
 
 
 def rotate_hessian(h: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from quantx_onnx.format import (
     WeightFormat,
     dequantize,
     pack,
+    stored_weight,
 )
 from quantx_onnx.quantize.rtn import quantize_rtn
 
@@ -151,6 +152,23 @@ def test_gather_reads_rows_of_the_transposed_weight(layout, rng):
     out = quantx_session(_gather_model(q, ids.shape)).run(None, {"ids": ids})[0]
     table = dequantize(q).T  # rows = columns of W = diag(input_scale) @ W_stored
     np.testing.assert_allclose(out, table[ids], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("K", [96, 576])
+@pytest.mark.parametrize("dtype", [1, 10])
+def test_rotated_gather_returns_the_table_rows(K, dtype, rng):
+    """A rotated table stores W' = Q^T W: QxGather un-rotates each row (x @ Q^T, H_K^T in the
+    kernel) before the input scale; the reference is the dense dequantization."""
+    q, _ = random_quantized(rng, K, 40, 4, 32, Layout.TILE16, rotate=1)
+    q = dataclasses.replace(
+        q, input_scale=rng.uniform(0.5, 2, K).astype(np.float16).astype(np.float32)
+    )
+    ids = np.array([[0, 39, 7], [-1, 3, 3]], np.int64)
+    out = quantx_session(_gather_model(q, ids.shape, dtype)).run(None, {"ids": ids})[0]
+    table = reference.dequantize_rows(q, ids)  # diag(input_scale) Q W', rows of its transpose
+    np.testing.assert_allclose(out, table, rtol=1e-5 if dtype == 1 else 1e-3, atol=1e-5)
+    stored = stored_weight(q).T[ids]  # what an un-rotating QxGather would return instead
+    assert np.abs(out - stored).max() > 0.1 * np.abs(table).max()
 
 
 def test_gather_out_of_range_is_an_error(rng):

@@ -192,8 +192,8 @@ def _rotations(path) -> dict[str, int]:
 
 def test_calibrated_optimize_rotates_where_it_can(tiny_llama, tmp_path):
     """Calibrated runs rotate every GPTQ'd matrix whose K is a Hadamard order (the tiny
-    Llama's 64-wide inputs, not its MLP's 160, nor the table and its tied lm_head), the file
-    means what its numpy reference says, and --no-rotate writes none."""
+    Llama's 64-wide inputs, the table with its tied lm_head included; not its MLP's 160), the
+    file means what its numpy reference says, and --no-rotate writes none."""
     from quantx_onnx import QuantConfig, optimize
 
     from .helpers import assert_means_its_reference, llm_feeds
@@ -205,9 +205,9 @@ def test_calibrated_optimize_rotates_where_it_can(tiny_llama, tmp_path):
     assert rep.config.rotate is True
     recipes = {w["weight"]: (w["K"], w["recipe"]) for w in rep.weights}
     rotated = {name for name, (_, recipe) in recipes.items() if recipe.endswith("rotated")}
-    table = {name for name in recipes if "embed" in name}
-    assert rotated == {n for n, (k, _) in recipes.items() if k == 64 and n not in table}
-    assert len(rotated) == 2 * 6  # q, k, v, o, gate, up of both layers; down_proj has K = 160
+    assert rotated == {n for n, (k, _) in recipes.items() if k == 64}
+    assert any("embed" in n for n in rotated)  # the tied table: QxGather un-rotates its rows
+    assert len(rotated) == 2 * 6 + 1  # q, k, v, o, gate, up of both layers; down_proj: K = 160
     assert sum(_rotations(tmp_path / "rot" / "model.onnx").values()) == len(rotated)
     assert_means_its_reference(tmp_path / "rot" / "model.onnx", llm_feeds(sess, 19, 2, seed=9))
 
@@ -216,6 +216,29 @@ def test_calibrated_optimize_rotates_where_it_can(tiny_llama, tmp_path):
     )
     assert off.config.rotate is False
     assert not any(_rotations(tmp_path / "off" / "model.onnx").values())
+
+
+def test_end_to_end_step_reads_a_rotated_table_as_the_kernels_do(tiny_llama, tmp_path, monkeypatch):
+    """The tuning's torch graph un-rotates the rows its Gather reads from a rotated tied table
+    (and rotates the lm_head's input): with a zero learning rate its KL on a batch is the KL
+    of the written model run by ONNX Runtime on that batch."""
+    import functools
+
+    from quantx_onnx import QuantConfig, optimize
+    from quantx_onnx.calibration import e2e
+
+    from .helpers import llm_feeds
+    from .test_calibration import _kl_to
+
+    monkeypatch.setattr(e2e, "tune_end_to_end", functools.partial(e2e.tune_end_to_end, lr=0.0))
+    sess = quantx_session(tiny_llama / "model.onnx")
+    batch = llm_feeds(sess, seq=32, batch=4, seed=3)
+    cfg = QuantConfig(bits=3, e2e_epochs=1, uniform=True, accuracy_level=0, e2e_span=0)
+    rep = optimize(tiny_llama, tmp_path / "q", cfg, calib_feeds=[batch, batch])
+    assert any(w["recipe"].endswith("rotated") for w in rep.weights if "embed" in w["weight"])
+    ort_kl = _kl_to(tiny_llama / "model.onnx", tmp_path / "q" / "model.onnx", [batch])
+    assert ort_kl > 1e-4
+    assert rep.tuning["kl_first"] == pytest.approx(ort_kl, rel=0.05), (rep.tuning, ort_kl)
 
 
 def test_portable_and_rotation_exclude_each_other(tiny_llama, tmp_path):
@@ -253,3 +276,6 @@ def test_torch_rotation_matches_the_dense_reference(K, rng):
     x = rng.standard_normal((2, 3, K))
     got = rotation.torch_rotate_rows(torch, torch.from_numpy(x), K).numpy()
     np.testing.assert_allclose(got, rotation.rotate_rows(x), rtol=1e-10, atol=1e-10)
+    back = rotation.torch_rotate_rows(torch, torch.from_numpy(x), K, inverse=True).numpy()
+    np.testing.assert_allclose(back, x @ rotation.rotation(K).T, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(rotation.unrotate_rows(rotation.rotate_rows(x)), x, atol=1e-12)

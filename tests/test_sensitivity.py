@@ -68,3 +68,38 @@ def test_fisher_labels_follow_the_model_distribution():
     for row in range(2):
         share = np.bincount(labels[:, row].numpy(), minlength=4) / len(labels)
         np.testing.assert_allclose(share, p[row].numpy(), atol=0.01)
+
+
+def test_a_rotating_candidate_is_priced_by_its_rotated_rounding(tiny_llama):
+    """plan.estimate of a recipe that rotates: the clip search in the rotated basis (as
+    quantize_with makes it, weighted by diag(Q^T F Q)), its error priced back in W's basis;
+    where K has no Hadamard order (the MLP's 160) the price is the unrotated one."""
+    import types
+
+    from quantx_onnx.format import Layout, dequantize
+    from quantx_onnx.plan import estimate
+    from quantx_onnx.recipes import Recipe, quantize_with
+
+    model = ir.load(str(tiny_llama / "model.onnx"))
+    matches = [m for _, m in find_matches(model.graph, DEFAULT_RULES, None)[0]]
+    sess = quantx_session(tiny_llama / "model.onnx")
+    sens = measure(model, matches, [llm_feeds(sess, seq=32, batch=4, seed=s) for s in range(2)])
+    plain, rotating = Recipe(3, 32, "gptq"), Recipe(3, 32, "gptq", rotate=True)
+    checked = set()
+    for m in {m.key: m for m in matches}.values():
+        if m.key not in sens.fisher:
+            continue
+        w = weight_array(m.weight, m.key).astype(np.float32)
+        got = estimate(rotating, m.key, w, sens, Layout.TILE16)
+        unrotated = estimate(plain, m.key, w, sens, Layout.TILE16)
+        if w.shape[0] != 64:
+            assert got == unrotated
+            continue
+        stats = types.SimpleNamespace(hessian=sens.fisher[m.key], tokens=sens.tokens)
+        q = quantize_with(Recipe(3, 32, "mse", rotate=True), w, Layout.TILE16, stats)
+        assert q.fmt.rotate == 1
+        want = sens.loss_increase(m.key, w, dequantize(q))
+        assert got == pytest.approx(want, rel=1e-4), m.key
+        assert got != pytest.approx(unrotated, rel=1e-3), m.key
+        checked.add(m.key.initializer)
+    assert len(checked) >= 12, checked

@@ -33,6 +33,15 @@ constexpr H12 MakeH12() {
 
 constexpr H12 kH12 = MakeH12();
 
+constexpr H12 Transposed(const H12& h) {
+  H12 t{};
+  for (int i = 0; i < 12; ++i)
+    for (int j = 0; j < 12; ++j) t.v[i][j] = h.v[j][i];
+  return t;
+}
+
+constexpr H12 kH12T = Transposed(kH12);  // H_12^T, for the inverse of the transform
+
 // Splits K = 12^a * 2^b (unique: a is the power of 3 in K); false if K has another form.
 bool Factor(int64_t K, int* a, int64_t* pow2) {
   if (K < 1) return false;
@@ -48,10 +57,10 @@ bool Factor(int64_t K, int* a, int64_t* pow2) {
 }
 
 // One factor H_12 along the axis of stride s, W offsets t at a time (W divides s): for every
-// block of 12 * s elements, y[j * s + t] = sum_i x[i * s + t] * H_12[i][j]. The W lanes of the
-// 12 inputs stay in registers (W = 4 or 8: one or two SIMD vectors) while the 12 outputs are
-// formed.
-template <int W>
+// block of 12 * s elements, y[j * s + t] = sum_i x[i * s + t] * H[i][j] (H = H_12 or, for the
+// transposed transform, H_12^T). The W lanes of the 12 inputs stay in registers (W = 4 or 8:
+// one or two SIMD vectors) while the 12 outputs are formed.
+template <int W, const H12& kH>
 void Pass12(float* x, int64_t K, int64_t s) {
   for (int64_t base = 0; base < K; base += 12 * s)
     for (int64_t t0 = 0; t0 < s; t0 += W) {
@@ -63,10 +72,10 @@ void Pass12(float* x, int64_t K, int64_t s) {
 #pragma GCC unroll 12
       for (int j = 0; j < 12; ++j) {
         float acc[W];
-        for (int t = 0; t < W; ++t) acc[t] = in[0][t] * static_cast<float>(kH12.v[0][j]);
+        for (int t = 0; t < W; ++t) acc[t] = in[0][t] * static_cast<float>(kH.v[0][j]);
 #pragma GCC unroll 11
         for (int i = 1; i < 12; ++i)
-          for (int t = 0; t < W; ++t) acc[t] += in[i][t] * static_cast<float>(kH12.v[i][j]);
+          for (int t = 0; t < W; ++t) acc[t] += in[i][t] * static_cast<float>(kH.v[i][j]);
         for (int t = 0; t < W; ++t) p[j * s + t] = acc[t];
       }
     }
@@ -163,7 +172,24 @@ std::vector<float> HadamardSigns(int64_t K) {
   return d;
 }
 
-void HadamardTransform(float* x, int64_t K) {
+namespace {
+
+// One factor H_12 (or H_12^T) along the axis of stride s, with the widest lanes s allows.
+template <const H12& kH>
+void Pass12Any(float* x, int64_t K, int64_t s) {
+  if (s % 8 == 0)
+    Pass12<8, kH>(x, K, s);
+  else if (s % 4 == 0)
+    Pass12<4, kH>(x, K, s);
+  else if (s % 2 == 0)
+    Pass12<2, kH>(x, K, s);
+  else
+    Pass12<1, kH>(x, K, s);
+}
+
+}  // namespace
+
+void HadamardTransform(float* x, int64_t K, bool transposed) {
   int a = 0;
   int64_t pow2 = 1;
   if (!Factor(K, &a, &pow2)) return;  // callers validate K; never a partial transform
@@ -180,16 +206,13 @@ void HadamardTransform(float* x, int64_t K) {
   for (; 4 * h <= pow2; h *= 4) Radix4(x, K, h);
   if (h < pow2) Radix2(x, K, h);
   // H_12 factor f (of a, most significant first) has stride 12^(a - 1 - f) * 2^b; the lanes
-  // of a pass are the largest power of two (up to 8) that divides the stride.
+  // of a pass are the largest power of two (up to 8) that divides the stride. H_K^T is the
+  // same Kronecker product of the transposed factors (H_2 is symmetric).
   for (int64_t s = pow2; s < K; s *= 12) {
-    if (s % 8 == 0)
-      Pass12<8>(x, K, s);
-    else if (s % 4 == 0)
-      Pass12<4>(x, K, s);
-    else if (s % 2 == 0)
-      Pass12<2>(x, K, s);
+    if (transposed)
+      Pass12Any<kH12T>(x, K, s);
     else
-      Pass12<1>(x, K, s);
+      Pass12Any<kH12>(x, K, s);
   }
   if (K > 1) {
     const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(K)));

@@ -624,7 +624,8 @@ bool CheckHadamardDefinitions(std::string* why) {
 
 // HadamardTransform alone against x @ H_K / sqrt(K) from the dense matrix, in double: random
 // rows and unit rows (a unit row e_k gives row k of H_K: the orientation), for every form of K
-// (12s only, 2s only, both; K = 1).
+// (12s only, 2s only, both; K = 1); and transposed, against x @ H_K^T / sqrt(K) (QxGather's
+// inverse rotation: a unit row then gives column k).
 bool CheckHadamardTransform(std::mt19937& rng, std::string* why) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   double worst = 0.0;
@@ -638,24 +639,29 @@ bool CheckHadamardTransform(std::mt19937& rng, std::string* why) {
       } else {
         x[rng() % K] = 1.0f;
       }
-      std::vector<double> ref(static_cast<size_t>(K), 0.0);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < K; ++j) ref[j] += static_cast<double>(x[k]) * h[k * K + j];
-      double peak = 0.0;
-      for (auto& v : ref) {
-        v /= std::sqrt(static_cast<double>(K));
-        peak = std::max(peak, std::fabs(v));
-      }
-      HadamardTransform(x.data(), K);
-      double err = 0.0;
-      for (int64_t j = 0; j < K; ++j) err = std::max(err, std::fabs(x[j] - ref[j]));
-      worst = std::max(worst, err / peak);
-      if (!(err <= 1e-5 * peak)) {
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "HadamardTransform K=%lld row %d: max error %g of peak %g",
-                      (long long)K, row, err, peak);
-        *why = buf;
-        return false;
+      for (const bool transposed : {false, true}) {
+        std::vector<double> ref(static_cast<size_t>(K), 0.0);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < K; ++j)
+            ref[j] += static_cast<double>(x[k]) * (transposed ? h[j * K + k] : h[k * K + j]);
+        double peak = 0.0;
+        for (auto& v : ref) {
+          v /= std::sqrt(static_cast<double>(K));
+          peak = std::max(peak, std::fabs(v));
+        }
+        std::vector<float> y = x;
+        HadamardTransform(y.data(), K, transposed);
+        double err = 0.0;
+        for (int64_t j = 0; j < K; ++j) err = std::max(err, std::fabs(y[j] - ref[j]));
+        worst = std::max(worst, err / peak);
+        if (!(err <= 1e-5 * peak)) {
+          char buf[180];
+          std::snprintf(buf, sizeof buf,
+                        "HadamardTransform%s K=%lld row %d: max error %g of peak %g",
+                        transposed ? " (transposed)" : "", (long long)K, row, err, peak);
+          *why = buf;
+          return false;
+        }
       }
     }
   }

@@ -274,6 +274,10 @@ def _node_wrapper(m: LinearMatch, c, r, k_block=None, rotated=None):
             rows = op(args, attrs)[0]
             idx = args[1].long() % c.shape[0]
             rows = rows * (c[idx][..., None] if k_block is None else c[idx][..., k_block])
+            if rotated is not None:  # stored rows of W': back to the table's basis, as QxGather
+                torch, in_scale = rotated
+                rows = rotation.torch_rotate_rows(torch, rows, rows.shape[-1], inverse=True)
+                rows = rows * in_scale if in_scale is not None else rows
             return [rows * r if r is not None else rows]
 
         return gather

@@ -155,16 +155,19 @@ def plan_for_run(ir_model, matches, tables, feeds, config, recipe, overrides, la
     """:func:`encoder_plan` with the run's recipes: ``recipe`` changed by the user's overrides
     (those weights pinned), embedding tables at their own recipe."""
     from ..allocate import BudgetError
+    from ..passes.gather_rule import read_by_matmul
     from ..recipes import recipe_for
 
     if config.budget_bpw is None:
         raise BudgetError("an encoder's bit plan takes --budget-bpw, not --budget-mb")
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0]: the lm_head's
-    table = dataclasses.replace(recipe, **config.embedding_fields())
+    tied = read_by_matmul(tables, matches)
     recipes, pinned = {}, set()
     for m in matches:
         names = [m.key.initializer, m.name]
-        r = table if m.key in tables and config.embedding_bits != 0 else recipe
+        r = recipe
+        if m.key in tables and config.embedding_bits != 0:
+            r = dataclasses.replace(recipe, **config.embedding_fields(m.key in tied))
         recipes[m.key] = recipe_for(r, overrides, names)
         if recipe_for(recipe, user, names) != recipe:
             pinned.add(m.key)

@@ -1,5 +1,6 @@
 // Randomized Hadamard rotation of the activations (attribute rotate = 1 of QxMatMul and
-// QxMultiMatMul). A weight W[K, N] stored in a rotated input basis is applied as
+// QxMultiMatMul; QxGather un-rotates its rows instead). A weight W[K, N] stored in a rotated
+// input basis is applied as
 //
 //     t = (a * d) @ H_K / sqrt(K)      (a: one activation row, input_scale already applied;
 //     Y = t @ W'                        * elementwise; W': what the packed weight decodes to)
@@ -35,7 +36,8 @@ std::vector<float> HadamardSigns(int64_t K);
 
 // x[0..K-1] <- x @ H_K / sqrt(K), in place (no signs: multiply by d first). K must satisfy
 // IsHadamardSize. Factors of 12 are dense 12 x 12 passes, factors of 2 butterflies; the
-// 1 / sqrt(K) is one final pass.
-void HadamardTransform(float* x, int64_t K);
+// 1 / sqrt(K) is one final pass. transposed: x @ H_K^T / sqrt(K) instead, which followed by
+// x * d is x @ Q^T, the inverse rotation (QxGather's rows of a rotated table).
+void HadamardTransform(float* x, int64_t K, bool transposed = false);
 
 }  // namespace quantx

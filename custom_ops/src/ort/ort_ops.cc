@@ -574,11 +574,15 @@ struct MultiMatMulKernel {
 };
 
 // ---------------------------------------------------------------------------------------------
-// QxGather: rows of the embedding table W^T (column n of W is embedding row n).
+// QxGather: rows of the embedding table W^T (column n of W is embedding row n). A rotated table
+// stores W' = Q^T W (its tied lm_head rotates its activations as QxMatMul does), so row n is
+// W'[:, n] @ Q^T = (W'[:, n] @ H_K^T / sqrt(K)) * d, then times input_scale.
 struct GatherKernel {
   std::string node;
   WeightFormat fmt;
   WeightInputs weights;
+  bool rotate = false;
+  std::vector<float> rotate_signs;  // d of the rotation, when rotate
   ONNXTensorElementDataType out_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
   GatherKernel(const OrtKernelInfo* raw_info) {
@@ -591,8 +595,8 @@ struct GatherKernel {
     if (dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
       Fail(node, "QxGather", "attribute 'dtype' must be 1 (float) or 10 (float16)");
     out_type = static_cast<ONNXTensorElementDataType>(dtype);
-    if (RotateAttr(info, node, "QxGather") != 0)
-      Fail(node, "QxGather", "attribute 'rotate' must be 0 (a table's rows are not rotated)");
+    rotate = CheckedRotate(RotateAttr(info, node, "QxGather"), fmt.K, node, "QxGather");
+    if (rotate) rotate_signs = HadamardSigns(fmt.K);
     weights.Init(info, fmt, 1, node, "QxGather");
   }
 
@@ -624,6 +628,10 @@ struct GatherKernel {
     std::vector<float> row(static_cast<size_t>(fmt.K));
     for (int64_t i = 0; i < count; ++i) {
       DequantColumn(view, rows[i], row.data());
+      if (rotate) {  // back from the rotated basis: row @ Q^T
+        HadamardTransform(row.data(), fmt.K, /*transposed=*/true);
+        for (int64_t k = 0; k < fmt.K; ++k) row[k] *= rotate_signs[k];
+      }
       if (!d.input_scale.empty())  // the weight is diag(input_scale) @ W: row n is s * W[:, n]
         for (int64_t k = 0; k < fmt.K; ++k) row[k] *= d.input_scale[k];
       if (out_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
