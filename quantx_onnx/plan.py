@@ -100,8 +100,7 @@ class _Problem:
 
     def rotated(self) -> tuple[np.ndarray, np.ndarray | None]:
         if self._rotated is None:
-            q = rotation.rotation(self.w.shape[0])
-            imp = None if self.fisher is None else ((self.fisher @ q) * q).sum(axis=0)
+            imp = None if self.fisher is None else np.diag(rotation.rotate_hessian(self.fisher))
             self._rotated = (rotation.rotate_weight(self.w).astype(np.float32), imp)
         return self._rotated
 
