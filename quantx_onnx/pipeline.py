@@ -26,11 +26,17 @@ from .format import Layout
 from .genai import GenaiReport, write_genai_config
 from .passes import LinearMatch, LinearPassReport, WeightKey, quantize_linear_nodes
 from .passes.attention_rule import AttentionReport, fuse_attention
-from .passes.gather_rule import read_by_matmul
 from .passes.logits_rule import add_logits_to_keep
 from .passes.multi_matmul_rule import fuse_multi_matmuls
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
-from .recipes import Recipe, recipe_for, single_recipe_quantizer, with_plan, with_recipe_for
+from .recipes import (
+    Recipe,
+    recipe_for,
+    single_recipe_quantizer,
+    table_fields,
+    with_plan,
+    with_recipe_for,
+)
 from .targets import resolve_target
 
 
@@ -279,7 +285,6 @@ def _plan(
     weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
     base, pinned = {}, set()
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
-    tied = read_by_matmul(tables, matches)
     for k, ms in by_key.items():
         names = [k.initializer, *(m.name for m in ms)]
         base[k] = recipe_for(recipe, overrides, names)
@@ -298,9 +303,8 @@ def _plan(
     shapes = [w.shape for w in weights.values()]
     reserved = _input_scale_bytes(shapes) if _tunes_input_channels(shapes, config) else 0
     table_recipes = {
-        k: dataclasses.replace(recipe, **config.embedding_fields(k in tied))
-        for k in tables
-        if config.embedding_bits != 0
+        k: dataclasses.replace(recipe, **fields)
+        for k, fields in table_fields(config, tables, matches).items()
     }
     try:
         if not config.plan_search:  # the default run's plan, as before
@@ -536,10 +540,8 @@ def optimize(
     accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
     matches = [m for _, m in accepted]
     tables = {m.key for m in matches if m.rule == "gather"}
-    if config.embedding_bits != 0:  # tables read by a Gather (with their tied lm_head)
-        tied = read_by_matmul(tables, matches)
-        quantizer = with_recipe_for(tied, config.embedding_fields(), quantizer)
-        quantizer = with_recipe_for(tables - tied, config.embedding_fields(False), quantizer)
+    for key, fields in table_fields(config, tables, matches).items():  # with tied lm_heads
+        quantizer = with_recipe_for({key}, fields, quantizer)
 
     cache: dict[WeightKey, object] = {}
     entries: dict[WeightKey, dict] = {}

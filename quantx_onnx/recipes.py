@@ -221,6 +221,19 @@ def recipe_for(base: Recipe, overrides, names: list[str]) -> Recipe:
     return recipe
 
 
+def table_fields(config, tables: set, matches) -> dict:
+    """The recipe fields of each embedding table (``WeightKey`` -> fields), by structure: a
+    table that a MatMul also reads (a tied lm_head) is rotated, one only gathered is not
+    (``QuantConfig.embedding_fields``). Empty when tables take the run's recipe
+    (``--embedding-bits 0``)."""
+    from .passes.gather_rule import read_by_matmul
+
+    if config.embedding_bits == 0:
+        return {}
+    tied = read_by_matmul(tables, matches)
+    return {k: config.embedding_fields(k in tied) for k in tables}
+
+
 def with_recipe_for(keys: set, fields: dict, quantizer):
     """`quantizer` with `fields` forced for the weights in `keys` (matched by structure, e.g.
     embedding tables, rather than by name)."""

@@ -13,7 +13,7 @@ from quantx_onnx.llm import DecoderSession
 
 def _prefill(session: DecoderSession, ids, **kw):
     logits, cache = session.step(ids, session.empty_cache(), 0, **kw)
-    return logits, [c.numpy() for c in cache]
+    return logits, cache.arrays()
 
 
 def _check(plain_dir, kept_dir, rng):

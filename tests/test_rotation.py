@@ -218,6 +218,35 @@ def test_calibrated_optimize_rotates_where_it_can(tiny_llama, tmp_path):
     assert not any(_rotations(tmp_path / "off" / "model.onnx").values())
 
 
+def test_table_recipe_rotates_only_a_table_a_matmul_reads(tiny_llama):
+    """recipes.table_fields: the tied table (gathered and read by the lm_head) rotates, the
+    same table with its lm_head match left out (only gathered) keeps its basis; with
+    --embedding-bits 0 tables get no recipe of their own."""
+    import onnx_ir as ir
+    from quantx_onnx.passes.quantize_linear import DEFAULT_RULES, find_matches
+
+    from quantx_onnx import QuantConfig
+    from quantx_onnx.recipes import table_fields
+
+    graph = ir.load(str(tiny_llama / "model.onnx")).graph
+    matches = [m for _, m in find_matches(graph, DEFAULT_RULES, None)[0]]
+    tables = {m.key for m in matches if m.rule == "gather"}
+    assert len(tables) == 1
+    cfg = QuantConfig(bits=3, rotate=True)  # as a calibrated run resolves it
+    (tied,) = table_fields(cfg, tables, matches).values()
+    assert tied["rotate"] is True and tied["bits"] == 4
+    gathered = [m for m in matches if m.rule == "gather" or m.key not in tables]
+    (alone,) = table_fields(cfg, tables, gathered).values()
+    assert alone == {**tied, "rotate": False}
+    assert (
+        table_fields(QuantConfig(bits=3, rotate=False), tables, matches)[next(iter(tables))][
+            "rotate"
+        ]
+        is False
+    )
+    assert table_fields(QuantConfig(bits=3, embedding_bits=0), tables, matches) == {}
+
+
 def test_end_to_end_step_reads_a_rotated_table_as_the_kernels_do(tiny_llama, tmp_path, monkeypatch):
     """The tuning's torch graph un-rotates the rows its Gather reads from a rotated tied table
     (and rotates the lm_head's input): with a zero learning rate its KL on a batch is the KL

@@ -155,19 +155,16 @@ def plan_for_run(ir_model, matches, tables, feeds, config, recipe, overrides, la
     """:func:`encoder_plan` with the run's recipes: ``recipe`` changed by the user's overrides
     (those weights pinned), embedding tables at their own recipe."""
     from ..allocate import BudgetError
-    from ..passes.gather_rule import read_by_matmul
-    from ..recipes import recipe_for
+    from ..recipes import recipe_for, table_fields
 
     if config.budget_bpw is None:
         raise BudgetError("an encoder's bit plan takes --budget-bpw, not --budget-mb")
     user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0]: the lm_head's
-    tied = read_by_matmul(tables, matches)
+    fields = table_fields(config, tables, matches)
     recipes, pinned = {}, set()
     for m in matches:
         names = [m.key.initializer, m.name]
-        r = recipe
-        if m.key in tables and config.embedding_bits != 0:
-            r = dataclasses.replace(recipe, **config.embedding_fields(m.key in tied))
+        r = dataclasses.replace(recipe, **fields[m.key]) if m.key in fields else recipe
         recipes[m.key] = recipe_for(r, overrides, names)
         if recipe_for(recipe, user, names) != recipe:
             pinned.add(m.key)
