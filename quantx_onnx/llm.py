@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InputError
+from .graph_outline import read_graph_outline
 from .model_io import resolve_input
 from .runtime import session_options
 
@@ -282,13 +283,17 @@ class DecoderSession:
 
 def _attention_writes_presents(path: Path) -> bool:
     """Every present output of the graph comes straight from a GroupQueryAttention node (which
-    can append to a past buffer in place: :class:`KVCache`)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    can append to a past buffer in place: :class:`KVCache`). Read without the weights."""
+    try:
+        graph = read_graph_outline(path)
+    except (OSError, ValueError):  # ONNX Runtime loaded it; copied caches work for any graph
+        return False
+    presents = {name for name in graph.outputs if name.startswith("present.")}
     written = {
-        out for n in graph.node if n.op_type == "GroupQueryAttention" for out in n.output[1:3]
+        out
+        for node in graph.nodes
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+        for out in node.outputs[1:3]
     }
     return bool(presents) and presents <= written
 
