@@ -111,6 +111,7 @@ class DecoderSession:
         self.first_input = next((n for n in ("input_ids", "inputs_embeds") if n in inputs), None)
         if self.first_input is None:
             raise InputError(f"{self.path}: not a decoder export (no input_ids input)")
+        self._graph_inputs = inputs
         # optional inputs (an initializer of the same name gives the default: logits_to_keep)
         self.input_names = set(inputs) | {
             i.name for i in self.session.get_overridable_initializers()
@@ -196,6 +197,8 @@ class DecoderSession:
         feeds = {self.first_input: first}
         if last_only and "logits_to_keep" in self.input_names:
             feeds["logits_to_keep"] = np.ones(1, np.int64)
+        elif "logits_to_keep" in self._graph_inputs:  # required: 0 keeps every position
+            feeds["logits_to_keep"] = np.zeros(1, np.int64)
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
         if "position_ids" in self.input_names:
@@ -215,9 +218,13 @@ class DecoderSession:
                 f"{self.path}: the cache holds {past.values[0].shape()[0]} rows, the step "
                 f"{first.shape[0]}"
             )
-        if past.shared and first.shape[1] == 1:  # one position: logits_to_keep is moot
-            return self._run_shared(self._feeds(first, past_len, False), past)
         feeds = self._feeds(first, past_len, last_only)
+        if past.shared and first.shape[1] == 1:
+            # one position: logits_to_keep is moot, and IO binding takes it only where it is
+            # a plain graph input, not an optional one backed by an initializer
+            if "logits_to_keep" not in self._graph_inputs:
+                feeds.pop("logits_to_keep", None)
+            return self._run_shared(feeds, past)
         if past.shared:  # the valid part, as a copied cache would hold it
             batch = first.shape[0]
             values = [

@@ -120,3 +120,26 @@ def test_a_cache_moves_between_sessions(fused, tiny_llama, tmp_path, rng):
     ids = rng.integers(0, 320, (1, 4))
     got, want = turns(True), turns(False)
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def test_required_logits_to_keep_input_is_bound(fused, tmp_path, rng):
+    """A graph whose logits_to_keep is a plain (required) input, not one with a default:
+    the shared steps bind it, and give the copied steps' logits."""
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "required"
+    shutil.copytree(fused, folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    kept = [t for t in model.graph.initializer if t.name != "logits_to_keep"]
+    assert len(kept) == len(model.graph.initializer) - 1
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(folder / "model.onnx"))
+    shared = DecoderSession(folder, threads=1)
+    assert shared.shares_kv and "logits_to_keep" in shared._graph_inputs
+    ids = rng.integers(0, 320, (1, 5))
+    got, _ = _walk(shared, ids, 3)
+    want, _ = _walk(DecoderSession(folder, threads=1, share_kv=False), ids, 3)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
