@@ -307,6 +307,9 @@ def test_minilm_default_means_its_reference(minilm):
 
     fp, q, rep = minilm
     assert rep.calibration["source"] == SYNTHETIC and rep.config.uniform
+    # a text encoder's defaults: 512 synthetic texts, 2 passes fitted to the float outputs
+    assert rep.config.calib_samples == 512 and rep.config.e2e_epochs == 2
+    assert rep.tuning["loss"] == "output error" and rep.tuning["kl_last"] < rep.tuning["kl_first"]
     ids, mask = tokenize(fp, sentences("gensim:lee", 4))
     names = ["input_ids", "attention_mask", "token_type_ids"]
     assert_means_its_reference(q / "model.onnx", text_feeds(names, ids, mask))

@@ -297,9 +297,10 @@ def test_portable_and_rotation_exclude_each_other(tiny_llama, tmp_path):
         convert(tmp_path / "r", tmp_path / "r-portable")
 
 
-@pytest.mark.parametrize("K", [12, 64, 576, 1536])
+@pytest.mark.parametrize("K", [12, 64, 512, 576, 1536, 2048])
 def test_torch_rotation_matches_the_dense_reference(K, rng):
-    """The end-to-end step's fast rotation (torch) against the dense numpy Q."""
+    """The end-to-end step's fast rotation (torch) against the dense numpy Q (512 and 2048:
+    the 2s split over two Sylvester blocks)."""
     import torch
 
     x = rng.standard_normal((2, 3, K))
