@@ -31,6 +31,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from .errors import InputError
+from .graph_outline import appends_kv_in_place, outline_of
 from .runtime import library_path
 
 CONFIG_NAME = "genai_config.json"
@@ -115,14 +116,6 @@ def _cache_shape(model: ir.Model) -> tuple[int, int]:
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise InputError("past_key_values.0.key: KV-cache input without static head sizes")
     return heads, head_dim
-
-
-def _shares_buffer(model: ir.Model) -> bool:
-    """Every present output comes straight from a GroupQueryAttention node."""
-    presents = [v for v in model.graph.outputs if (v.name or "").startswith("present.")]
-    return bool(presents) and all(
-        (p := v.producer()) is not None and p.op_type == "GroupQueryAttention" for v in presents
-    )
 
 
 def genai_tokenizer(data: dict) -> dict | None:
@@ -259,7 +252,7 @@ def _write(folder: Path, model: ir.Model | None, filename: str, library: str | N
             shutil.copy2(source, folder / lib_name)
         session_options["custom_ops_library"] = lib_name
 
-    share = _shares_buffer(model)
+    share = appends_kv_in_place(outline_of(model))
     search = _search(generation, context)
     search["past_present_share_buffer"] = share
     model_type = str(config.get("model_type", ""))

@@ -6,6 +6,9 @@ generation run's peak memory by 70 MB just to look at a few node types. This rea
 protobuf wire format over a memory map instead and skips the initializers by their lengths, so
 only the bytes of the node and output records are touched.
 
+``appends_kv_in_place`` says from an outline (of a file, or of a model in memory:
+``outline_of``) whether its attention can append to a shared KV buffer.
+
 ModelProto.graph is field 7; in GraphProto, node is field 1 and output field 12; in NodeProto,
 output is field 2, op_type field 4 and domain field 7; in ValueInfoProto, name is field 1.
 """
@@ -16,6 +19,8 @@ import dataclasses
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
+
+import onnx_ir as ir
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
@@ -31,6 +36,27 @@ class NodeOutline:
 class GraphOutline:
     nodes: tuple[NodeOutline, ...]
     outputs: tuple[str, ...]
+
+
+def outline_of(model: ir.Model) -> GraphOutline:
+    """The same outline of a model already in memory."""
+    graph = model.graph
+    nodes = (NodeOutline(n.op_type, n.domain, tuple(v.name for v in n.outputs)) for n in graph)
+    return GraphOutline(tuple(nodes), tuple(v.name for v in graph.outputs))
+
+
+def appends_kv_in_place(graph: GraphOutline) -> bool:
+    """Every present output comes straight from a GroupQueryAttention node, which can append
+    to a past buffer in place: onnxruntime-genai's past_present_share_buffer, and
+    ``llm.KVCache``'s shared cache."""
+    presents = {name for name in graph.outputs if name.startswith("present.")}
+    written = {
+        out
+        for node in graph.nodes
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+        for out in node.outputs[1:3]
+    }
+    return bool(presents) and presents <= written
 
 
 def _varint(buf, i: int) -> tuple[int, int]:

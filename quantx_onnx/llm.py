@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InputError
-from .graph_outline import read_graph_outline
+from .graph_outline import appends_kv_in_place, read_graph_outline
 from .model_io import resolve_input
 from .runtime import session_options
 
@@ -31,6 +31,11 @@ class CacheSpec:
     value_names: list[str]
     present_names: list[str]  # in the order matching key/value names, interleaved k, v
 
+    @property
+    def past_names(self) -> list[str]:
+        """The past inputs interleaved k, v, in the order of present_names."""
+        return [name for kv in zip(self.key_names, self.value_names) for name in kv]
+
 
 class KVCache:
     """The KV cache between steps: one tensor per layer and kind (keys and values interleaved,
@@ -43,7 +48,7 @@ class KVCache:
       fuses attention): ``buffers`` [B, H, capacity, D] are bound as both past and present of
       one-token steps, and the kernel appends the new position in place (it reads the valid
       length from the attention mask, past/present sharing as onnxruntime-genai runs it).
-      SmolLM2 at depth 128-192 decodes 1.12-1.17x faster on 2 Zen 1 cores (docs/PERF.md); the
+      SmolLM2 at depth 128-192 decodes 1.12-1.15x faster on 2 Zen 1 cores (docs/PERF.md); the
       copy grows with the depth. Multi-token steps (prefill, chunks) run as copied ones and
       write their present back: they need ``logits_to_keep``, an optional input that ONNX
       Runtime's IO binding cannot bind, and their copy is small against their compute.
@@ -238,9 +243,7 @@ class DecoderSession:
         else:
             values = past.values
         ort_feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-        for i, (k, v) in enumerate(zip(self.cache.key_names, self.cache.value_names)):
-            ort_feeds[k] = values[2 * i]
-            ort_feeds[v] = values[2 * i + 1]
+        ort_feeds.update(zip(self.cache.past_names, values))
         outs = self.session.run_with_ort_values(self.output_names, ort_feeds)
         length = past_len + first.shape[1]
         if not past.shared:
@@ -262,17 +265,13 @@ class DecoderSession:
                 # logits into memory of ours: reading them back wraps no other output
                 cache.logits = np.empty((cache.buffers[0].shape[0], 1, self.vocab), np.float32)
                 logits = ort.OrtValue.ortvalue_from_numpy(cache.logits)
-                binding.bind_ortvalue_output("logits", logits)
+                binding.bind_ortvalue_output(self.logits_name, logits)
             else:  # a symbolic vocabulary size: ORT allocates them, output 0
-                binding.bind_output("logits")
-            names = zip(self.cache.key_names, self.cache.value_names)
-            for i, (k, v) in enumerate(names):
-                for name, present, value in (
-                    (k, self.cache.present_names[2 * i], cache.values[2 * i]),
-                    (v, self.cache.present_names[2 * i + 1], cache.values[2 * i + 1]),
-                ):
-                    binding.bind_ortvalue_input(name, value)
-                    binding.bind_ortvalue_output(present, value)
+                binding.bind_output(self.logits_name)
+            names = zip(self.cache.past_names, self.cache.present_names, cache.values)
+            for past, present, value in names:
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
             cache.binding, cache.binding_session = binding, self.session
         for name, array in feeds.items():
             cache.binding.bind_cpu_input(name, array)
@@ -289,20 +288,11 @@ class DecoderSession:
 
 
 def _attention_writes_presents(path: Path) -> bool:
-    """Every present output of the graph comes straight from a GroupQueryAttention node (which
-    can append to a past buffer in place: :class:`KVCache`). Read without the weights."""
+    """``graph_outline.appends_kv_in_place`` of the file, read without its weights."""
     try:
-        graph = read_graph_outline(path)
+        return appends_kv_in_place(read_graph_outline(path))
     except (OSError, ValueError):  # ONNX Runtime loaded it; copied caches work for any graph
         return False
-    presents = {name for name in graph.outputs if name.startswith("present.")}
-    written = {
-        out
-        for node in graph.nodes
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
-        for out in node.outputs[1:3]
-    }
-    return bool(presents) and presents <= written
 
 
 def uses_quantx_ops(model: str | Path) -> bool:

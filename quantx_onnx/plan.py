@@ -100,7 +100,7 @@ class _Problem:
 
     def rotated(self) -> tuple[np.ndarray, np.ndarray | None]:
         if self._rotated is None:
-            imp = None if self.fisher is None else np.diag(rotation.rotate_hessian(self.fisher))
+            imp = None if self.fisher is None else rotation.rotated_diagonal(self.fisher)
             self._rotated = (rotation.rotate_weight(self.w).astype(np.float32), imp)
         return self._rotated
 

@@ -137,7 +137,7 @@ def torch_rotate_rows(torch, x, K: int, inverse: bool = False):
     blocks = _torch_blocks(K)
     y = (x if inverse else x * d).reshape(*lead, *blocks)
     for axis, m in enumerate(blocks, start=len(lead)):
-        h = paley12() if m == 12 else hadamard(m)
+        h = hadamard(m)  # H_12 for a 12, a Sylvester block for merged 2s
         h = torch.as_tensor(h.T if inverse else h, dtype=x.dtype, device=x.device)
         y = torch.movedim(torch.movedim(y, axis, -1) @ h, -1, axis)  # y[.., j, ..] = sum_i y_i h_ij
     y = y.reshape(*lead, K) * (1.0 / np.sqrt(K))
@@ -148,3 +148,9 @@ def rotate_hessian(h: np.ndarray) -> np.ndarray:
     """Q^T H Q: the input second moment in the rotated basis."""
     q = rotation(h.shape[0])
     return q.T @ np.asarray(h, np.float64) @ q
+
+
+def rotated_diagonal(h: np.ndarray) -> np.ndarray:
+    """diag(Q^T H Q) with one K x K product instead of rotate_hessian's two."""
+    q = rotation(h.shape[0])
+    return ((np.asarray(h, np.float64) @ q) * q).sum(axis=0)

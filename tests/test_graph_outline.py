@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from quantx_onnx import QuantConfig, optimize
-from quantx_onnx.graph_outline import read_graph_outline
+from quantx_onnx.graph_outline import appends_kv_in_place, outline_of, read_graph_outline
 
 
 def _onnx_outline(path):
@@ -25,6 +25,17 @@ def test_outline_equals_onnx_load(tiny_llama, tmp_path):
         assert got.outputs == outputs
     ops = {n.op_type for n in read_graph_outline(tmp_path / "q" / "model.onnx").nodes}
     assert {"GroupQueryAttention", "QxMultiMatMul", "QxGather"} <= ops
+
+
+def test_outline_of_a_model_in_memory_and_kv_appends(tiny_llama, tmp_path):
+    """outline_of gives the file's outline; only the fused graph appends its KV in place."""
+    import onnx_ir as ir
+
+    optimize(tiny_llama, tmp_path / "q", QuantConfig(data_free=True, bits=3))
+    for path, fused in ((tiny_llama / "model.onnx", False), (tmp_path / "q" / "model.onnx", True)):
+        outline = read_graph_outline(path)
+        assert outline_of(ir.load(str(path))) == outline
+        assert appends_kv_in_place(outline) is fused
 
 
 def test_damaged_file_is_refused(tiny_llama, tmp_path):
