@@ -478,6 +478,12 @@ def _optimize_summary(report) -> str:
                 f"  end-to-end tuning: {t['steps']} steps on {t['device']}, {what} "
                 f"{t['kl_first']:.4f} -> {t['kl_last']:.4f}{unit}, {t['seconds']:.1f} s"
             )
+            if not t.get("kept", True):
+                lines.append(
+                    f"  end-to-end tuning not kept: it raised the {what} on its first batches "
+                    f"({t['check_before']:.4f} -> {t['check_after']:.4f}); the layer-wise "
+                    "result is saved"
+                )
         errs = [w["output_error"] for w in report.weights if "output_error" in w]
         lines.append("  per weight: recipe, bits/weight, relative output error")
         width = max(len(w["weight"]) for w in report.weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -70,13 +71,14 @@ def _tiny_vision(path, seed=0):
 WORDS = [f"{a}{b}{c}" for a in "abcdefgh" for b in "aeiou" for c in "lmnrst"]  # 240 words
 
 
-def _tiny_text(folder, seed=0, out="last_hidden_state", out_shape=None):
+def _tiny_text(folder, seed=0, out="last_hidden_state", out_shape=None, words=WORDS):
     """A text encoder folder: input_ids/attention_mask/token_type_ids -> embedding -> two
-    linear layers -> last_hidden_state, with a word-level tokenizer.json."""
+    linear layers -> last_hidden_state, with a word-level tokenizer.json of ``words`` (ids in
+    that order; punctuation last)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate([*words, ",", "."])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
@@ -142,6 +144,35 @@ def test_random_word_texts_use_whole_vocabulary_words(tmp_path):
     texts = random_word_texts(folder, 10, 12, seed=3)
     assert len(texts) == 10 and texts == random_word_texts(folder, 10, 12, seed=3)
     assert all(6 <= len(t.split()) <= 12 and set(t.split()) <= set(WORDS) for t in texts)
+
+
+def test_zipf_texts_draw_words_by_their_id_rank(tmp_path):
+    # ids in a frequency-like (not alphabetical) order: the first id is the most common word
+    ranked = [str(w) for w in np.random.default_rng(1).permutation(WORDS)]
+    folder = _tiny_text(tmp_path / "t", words=ranked)
+    texts = random_word_texts(folder, 300, 30, seed=0)
+    assert texts == random_word_texts(folder, 300, 30, seed=0)
+    assert all(t.endswith(".") for t in texts) and sum("," in t for t in texts) > 100
+    words = [w.strip(",.") for t in texts for w in t.split()]
+    assert set(words) <= set(WORDS)
+    count = Counter(words)
+    # Zipf's law: p(rank r) ~ 1 / r, so rank 1 is about 10 times rank 10 and 100 times rank 100
+    assert 6 < count[ranked[0]] / count[ranked[9]] < 16
+    assert count[ranked[0]] > 30 * count[ranked[99]]
+    # uniform: every word about equally often, no punctuation
+    flat = Counter(w for t in random_word_texts(folder, 300, 30, 0, "uniform") for w in t.split())
+    assert set(flat) <= set(WORDS) and max(flat.values()) < 3 * min(flat.values())
+
+
+def test_alphabetical_vocabularies_and_unknown_kinds(tmp_path):
+    folder = _tiny_text(tmp_path / "t")  # ids in alphabetical order: no frequency to read
+    zipf = Counter(w for t in random_word_texts(folder, 300, 30, seed=0) for w in t.split())
+    assert max(zipf.values()) < 3 * min(zipf.values())
+    model = ir.load(str(folder / "model.onnx"))
+    config = QuantConfig(calib_samples=4)
+    assert len(encoder_feeds(model, folder, f"{SYNTHETIC}:uniform", config)) == 1
+    with pytest.raises(InputError, match="synthetic:words: unknown synthetic text"):
+        encoder_feeds(model, folder, f"{SYNTHETIC}:words", config)
 
 
 def test_text_encoder_feeds_have_every_input(tmp_path):
@@ -360,8 +391,84 @@ def test_end_to_end_tuning_of_an_encoder_lowers_held_out_output_error(vision, tm
     assert tuning["input_channels"] == 0 and tuning["columns"] > 0, tuning  # no size change
     assert tuning["span"] == 0 and reps[8].config.e2e_span == 0  # whole columns for encoders
     assert tuning["kl_last"] < tuning["kl_first"], tuning
+    assert tuning["kept"] and tuning["check_after"] < tuning["check_before"], tuning
     assert errs[8] < errs[0], errs
     assert_means_its_reference(tmp_path / "8.onnx", held_out[0])
+
+
+def test_a_tuning_that_raises_the_error_is_not_kept(vision, tmp_path, monkeypatch):
+    """Steps far too large for the model (learning rate 0.5) raise the error on the batches
+    the tuning reads: the layer-wise result is written unchanged."""
+    import functools
+
+    from quantx_onnx.calibration import e2e
+
+    monkeypatch.setattr(e2e, "tune_end_to_end", functools.partial(e2e.tune_end_to_end, lr=0.5))
+    held_out = [{"image": synthetic_images(4, SIZE, seed=7)}]
+    outs = {}
+    for epochs in (0, 2):
+        cfg = QuantConfig(bits=2, accuracy_level=0, calib_samples=16, e2e_epochs=epochs)
+        rep = optimize(vision, tmp_path / f"{epochs}.onnx", cfg)
+        outs[epochs] = quantx_session(tmp_path / f"{epochs}.onnx").run(None, held_out[0])[0]
+    tuning = rep.tuning
+    assert not tuning["kept"] and tuning["check_after"] >= tuning["check_before"], tuning
+    np.testing.assert_array_equal(outs[2], outs[0])
+
+
+def _vision_with_a_head(path, seed=0):
+    """The tiny vision model with a convolutional head after its two linear layers:
+    [B, 48, 64] -> [B, 64, 6, 8] -> Conv 3x3 -> BatchNormalization -> Relu -> Resize x2."""
+    rng = np.random.default_rng(seed)
+    graph = onnx.load(str(_tiny_vision(path, seed))).graph
+    graph.node[-1].output[0] = "trunk"
+    graph.output[0].name = "out"
+    arrays = {
+        "grid": np.array([-1, 6, 8, 64], np.int64),
+        "cw": rng.normal(0, 0.1, (4, 64, 3, 3)).astype(np.float32),
+        "bn_scale": np.ones(4, np.float32),
+        "bn_bias": np.zeros(4, np.float32),
+        "bn_mean": rng.normal(0, 0.1, 4).astype(np.float32),
+        "bn_var": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+        "sizes": np.array([0, 4, 12, 16], np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
+    graph.node.extend(
+        [
+            helper.make_node("Reshape", ["trunk", "grid"], ["g"]),
+            helper.make_node("Transpose", ["g"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "cw"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["n"]
+            ),
+            helper.make_node("Relu", ["n"], ["head"]),
+            helper.make_node("Shape", ["head"], ["head_shape"], end=1),
+            helper.make_node("Slice", ["sizes", "one", "four"], ["tail"]),
+            helper.make_node("Concat", ["head_shape", "tail"], ["out_size"], axis=0),
+            helper.make_node(
+                "Resize", ["head", "", "", "out_size"], ["out"], mode="linear", name="upsample"
+            ),
+        ]
+    )
+    graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("one", 1), ("four", 4))
+    )
+    return _save(graph, path)
+
+
+def test_an_encoder_with_a_convolutional_head_is_tuned_and_keeps_its_statistics(tmp_path):
+    """Conv, BatchNormalization and Resize run in the tuning's torch graph (a ViT's dense
+    head); the batch norm's running mean and variance are not tuned, its scale is."""
+    src = _vision_with_a_head(tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    rep = optimize(src, out, QuantConfig(bits=2, accuracy_level=0, calib_samples=8, e2e_epochs=4))
+    assert "skipped" not in rep.tuning and rep.tuning["float_parameters"] == 8, rep.tuning
+    before = {t.name: t for t in onnx.load(str(src)).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    for name in ("bn_mean", "bn_var"):
+        np.testing.assert_array_equal(after[name], numpy_helper.to_array(before[name]))
+    assert rep.tuning["kept"], rep.tuning
+    assert not np.array_equal(after["bn_scale"], np.ones(4, np.float32))
+    assert_means_its_reference(out, {"image": synthetic_images(2, SIZE, seed=3)})
 
 
 def test_encoder_output_error_leaves_padding_out():

@@ -80,3 +80,82 @@ def test_an_unknown_op_is_refused_by_name():
     node = ir.node("Hardmax", [ir.Value(name="x")], name="odd")
     with pytest.raises(UnsupportedOp, match="odd: op Hardmax"):
         TorchStage([node], [node.inputs[0]], node.outputs)
+
+
+# --- convolutional heads: Conv, BatchNormalization, ConvTranspose, Resize ------------------
+def _vision_head(path, resize_modes):
+    """x [2, 3, 10, 10] -> Conv 3x3 -> BatchNormalization -> Relu -> ConvTranspose 4x4 /2 ->
+    one Resize per mode (linear and cubic to sizes, nearest by scales) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "cw": rng.normal(0, 0.3, (8, 3, 3, 3)),
+        "cb": rng.normal(0, 0.1, 8),
+        "scale": rng.uniform(0.5, 1.5, 8),
+        "bias": rng.normal(0, 0.1, 8),
+        "mean": rng.normal(0, 0.1, 8),
+        "var": rng.uniform(0.5, 2.0, 8),
+        "tw": rng.normal(0, 0.3, (8, 4, 4, 4)),
+        "tb": rng.normal(0, 0.1, 4),
+        "scales": np.array([1, 1, 2, 2]),
+    }
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in arrays.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node(
+            "ConvTranspose", ["r", "tw", "tb"], ["t0"], strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
+    ]
+    size = 20
+    for i, mode in enumerate(resize_modes):
+        src, dst = f"t{i}", f"t{i + 1}" if i + 1 < len(resize_modes) else "y"
+        if mode == "nearest":
+            ins, kw = [src, "", "scales"], dict(coordinate_transformation_mode="asymmetric")
+            kw["nearest_mode"] = "floor"
+            size *= 2
+        else:
+            size += 3
+            sizes = numpy_helper.from_array(np.array([2, 4, size, size], np.int64), f"s{i}")
+            inits.append(sizes)
+            ins, kw = [src, "", "", f"s{i}"], dict(coordinate_transformation_mode="half_pixel")
+            kw["cubic_coeff_a"] = -0.75
+        nodes.append(helper.make_node("Resize", ins, [dst], mode=mode, name=f"resize_{mode}", **kw))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+def test_convolutional_heads_match_onnx_runtime(tmp_path):
+    path = _vision_head(tmp_path / "head.onnx", ["linear", "cubic", "nearest"])
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 10, 10)).astype(np.float32)
+    want = quantx_session(path).run(["y"], {"x": x})[0]
+    model = ir.load(str(path))
+    ts = TorchStage(model.graph, list(model.graph.inputs), list(model.graph.outputs))
+    got = ts({"x": torch.from_numpy(x)})["y"].numpy()
+    assert got.shape == want.shape == (2, 4, 52, 52)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_resize_it_cannot_match_is_refused(tmp_path):
+    path = _vision_head(tmp_path / "head.onnx", ["linear"])
+    model = ir.load(str(path))
+    node = next(n for n in model.graph if n.op_type == "Resize")
+    node.attributes["coordinate_transformation_mode"] = ir.AttrString(
+        "coordinate_transformation_mode", "align_corners"
+    )
+    ts = TorchStage(model.graph, list(model.graph.inputs), list(model.graph.outputs))
+    with pytest.raises(UnsupportedOp, match="resize_linear: .*align_corners"):
+        ts({"x": torch.zeros(2, 3, 10, 10)})

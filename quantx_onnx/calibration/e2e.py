@@ -58,6 +58,8 @@ MULTIPLIER_RANGE = (0.5, 2.0)  # a multiplier is a correction, never a sign flip
 # little, and bf16 was measured on SmolLM2 (135M) only
 BF16_MIN_WEIGHTS = 10_000_000
 TEACHER_CACHE_BYTES = 3e9  # float-model log-probs kept in memory (fp16) up to this size
+# tuning batches the keep-or-revert check reads before and after the tuning (forward only)
+CHECK_BATCHES = 8
 
 
 @dataclasses.dataclass
@@ -77,6 +79,11 @@ class EndToEndReport:
     loss: str = "kl"  # "kl" (decoder logits) or "output error" (encoder outputs)
     span: int = 0  # input channels asked per scale multiplier (0: whole columns)
     precision: str = "float32"  # of the quantized model's matrix products: float32 or bfloat16
+    # the loss on the first CHECK_BATCHES batches before and after; the tuning is kept only
+    # when it lowered it (else the layer-wise result is returned unchanged)
+    check_before: float = 0.0
+    check_after: float = 0.0
+    kept: bool = True
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,11 +134,19 @@ def scale_inputs(q: QuantizedWeight, r: np.ndarray) -> QuantizedWeight:
 
 def tunable_floats(model: ir.Model, quantized: set[str]) -> list[ir.Value]:
     """1-D float initializers of two or more values (norm weights, biases) that are not
-    quantized weights."""
+    quantized weights, nor a BatchNormalization's running statistics (a variance tuned
+    below zero would break the graph; its scale and bias are tuned instead)."""
+    statistics = {
+        v.name
+        for node in model.graph.all_nodes()
+        if node.op_type == "BatchNormalization"
+        for v in node.inputs[3:5]
+        if v is not None
+    }
     out = []
     for name, v in model.graph.initializers.items():
         t = v.const_value
-        if name in quantized or t is None or name.startswith("quantx."):
+        if name in quantized or t is None or name.startswith("quantx.") or name in statistics:
             continue
         if len(t.shape) == 1 and t.shape[0] >= 2 and t.dtype == ir.DataType.FLOAT:
             out.append(v)
@@ -317,9 +332,11 @@ def tune_end_to_end(
     progress=None,
 ) -> tuple[dict[WeightKey, QuantizedWeight], dict[str, np.ndarray], EndToEndReport]:
     """Tuned weights (scales and input scales changed), new values of the tuned float
-    initializers, report. ``matches``: every node reading a quantized weight. ``bf16``: the
-    quantized model's forward under bf16 autocast (None: on a CPU with native bf16, for
-    models of at least BF16_MIN_WEIGHTS quantized weights)."""
+    initializers, report; the weights unchanged and no new values when the tuning did not
+    lower the loss on the first CHECK_BATCHES batches (``report.kept`` False). ``matches``:
+    every node reading a quantized weight. ``bf16``: the quantized model's forward under
+    bf16 autocast (None: on a CPU with native bf16, for models of at least BF16_MIN_WEIGHTS
+    quantized weights)."""
     import contextlib
 
     import torch
@@ -396,11 +413,26 @@ def tune_end_to_end(
     if model_loss.fits_in_memory(feeds):
         cache = [model_loss.compact(teacher(f)) for f in feeds]
 
+    check = range(min(CHECK_BATCHES, len(feeds)))
+
+    def check_loss() -> float:  # forward only, as the tuning sees the model
+        total = 0.0
+        with torch.no_grad():
+            for j in check:
+                feed = tensors(feeds[j])
+                target = cache[j] if cache is not None else teacher(feeds[j])
+                with student_precision():
+                    total += float(model_loss(graph(feed, subs, wrap=wrap), target, feed))
+        return total / len(check)
+
     steps = max(1, epochs) * len(feeds)
     rng = np.random.default_rng(seed)
     order = [int(j) for _ in range(max(1, epochs)) for j in rng.permutation(len(feeds))]
     kls: list[float] = []
     subs = {**frozen, **float_params}
+    if rounders:
+        subs.update({name: r.weight() for name, r in rounders.items()})
+    before = check_loss()
     for step in progress(range(steps)) if progress else range(steps):
         f = feeds[order[step]]
         if rounders:
@@ -413,6 +445,12 @@ def tune_end_to_end(
         tuning_step(torch, loss, opt, multipliers, list(rounders.values()), lr, step, steps)
         kls.append(loss.item())
 
+    if rounders:
+        subs.update({name: r.weight() for name, r in rounders.items()})
+    after = check_loss()
+    # a tuning that made the model worse where it was fitted (a step too large for a
+    # sensitive model: a ViT at lr 2e-3 went 0.0026 -> 0.021) is not kept
+    kept = after < before
     tuned = {}
     moved = 0
     for key, q in weights.items():
@@ -428,6 +466,8 @@ def tune_end_to_end(
         name: p.detach().cpu().numpy().astype(inits[name].const_value.dtype.numpy())
         for name, p in float_params.items()
     }
+    if not kept:
+        tuned, new_floats, moved = dict(weights), {}, 0
     n = len(feeds) if epochs > 1 else max(1, steps // 2)  # per pass, or halves of one pass
     report = EndToEndReport(
         steps=steps,
@@ -443,5 +483,8 @@ def tune_end_to_end(
         loss=model_loss.kind,
         span=span,
         precision="bfloat16" if bf16 else "float32",
+        check_before=before,
+        check_after=after,
+        kept=kept,
     )
     return tuned, new_floats, report

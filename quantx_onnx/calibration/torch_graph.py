@@ -3,7 +3,9 @@ weights: block-output reconstruction (:mod:`..quantize.learned`) tunes quantized
 against the float stage's outputs, on the CPU or a CUDA device.
 
 Only what calibration needs is here: the standard ops optimum exports for decoders and
-encoders (shape arithmetic included, evaluated eagerly like everything else) and
+encoders (shape arithmetic included, evaluated eagerly like everything else), the 2-D
+convolutions, batch norms and resizes of vision heads (a ViT's patch embedding, a dense
+decoder's upsampling), and
 ``com.microsoft`` GroupQueryAttention as :mod:`..passes.attention_rule` writes it (causal,
 rotary with caches, grouped KV heads). A stage with any other op is refused with the op's name
 (:class:`UnsupportedOp`); the caller then falls back to Hessian-only methods. Every op is
@@ -315,6 +317,92 @@ def _min(x, a):
     return [out]
 
 
+# --- convolutional heads (a ViT's patch embedding, a dense-prediction decoder) --------------
+def _conv_args(x, a, transposed: bool = False):
+    """Padding, stride, dilation and groups of a 2-D Conv/ConvTranspose; symmetric explicit
+    pads only (auto_pad other than NOTSET is refused)."""
+    if x[0].dim() != 4:
+        raise UnsupportedOp(f"{'ConvTranspose' if transposed else 'Conv'} of rank {x[0].dim()}")
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        raise UnsupportedOp(f"auto_pad {a['auto_pad']}")
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:]:
+        raise UnsupportedOp(f"asymmetric pads {pads}")
+    return dict(
+        stride=tuple(a.get("strides", [1, 1])),
+        padding=tuple(pads[:2]),
+        dilation=tuple(a.get("dilations", [1, 1])),
+        groups=a.get("group", 1),
+    )
+
+
+def _conv(x, a):
+    f = _torch().nn.functional
+    bias = x[2] if len(x) > 2 else None
+    return [f.conv2d(x[0], x[1], bias, **_conv_args(x, a))]
+
+
+def _conv_transpose(x, a):
+    f = _torch().nn.functional
+    if "output_shape" in a:
+        raise UnsupportedOp("ConvTranspose with output_shape")
+    bias = x[2] if len(x) > 2 else None
+    extra = tuple(a.get("output_padding", [0, 0]))
+    return [f.conv_transpose2d(x[0], x[1], bias, output_padding=extra, **_conv_args(x, a, True))]
+
+
+def _batch_norm(x, a):
+    """Inference form (training_mode 0): the stored mean and variance."""
+    if a.get("training_mode", 0):
+        raise UnsupportedOp("BatchNormalization in training mode")
+    f = _torch().nn.functional
+    data, scale, bias, mean, var = x[:5]
+    return [f.batch_norm(data, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))]
+
+
+_RESIZE_MODES = {"linear": "bilinear", "cubic": "bicubic", "nearest": "nearest"}
+
+
+def _resize(x, a):
+    """2-D Resize of an NCHW tensor to the ``sizes`` input (or by ``scales``), as torch's
+    interpolate writes it: linear/cubic with half_pixel coordinates (cubic_coeff_a -0.75, no
+    excluded outside), nearest with asymmetric coordinates and floor."""
+    torch = _torch()
+    data = x[0]
+    mode = a.get("mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    coord = a.get("coordinate_transformation_mode", "half_pixel")
+    coord = coord.decode() if isinstance(coord, bytes) else coord
+    if data.dim() != 4 or mode not in _RESIZE_MODES:
+        raise UnsupportedOp(f"Resize mode {mode} of rank {data.dim()}")
+    if mode == "nearest":
+        ok = coord == "asymmetric" and a.get("nearest_mode", "round_prefer_floor") in (
+            "floor",
+            b"floor",
+        )
+    else:
+        ok = coord in ("half_pixel", "pytorch_half_pixel") and not a.get("exclude_outside", 0)
+        ok = ok and (mode != "cubic" or abs(a.get("cubic_coeff_a", -0.75) + 0.75) < 1e-6)
+    if not ok or a.get("antialias", 0):
+        raise UnsupportedOp(f"Resize {mode} with {coord} coordinates")
+    sizes = x[3] if len(x) > 3 and x[3] is not None and x[3].numel() else None
+    if sizes is not None:
+        size = _ints(sizes)
+        if size[:2] != list(data.shape[:2]):
+            raise UnsupportedOp(f"Resize of batch or channel dimensions to {size}")
+        if size[2:] == list(data.shape[2:]):
+            return [data]
+        kw = {"size": tuple(size[2:])}
+    else:
+        scales = x[2].reshape(-1).tolist() if len(x) > 2 and x[2] is not None else []
+        if len(scales) != 4 or scales[:2] != [1.0, 1.0]:
+            raise UnsupportedOp(f"Resize with scales {scales}")
+        kw = {"scale_factor": tuple(scales[2:])}
+    if mode != "nearest":
+        kw["align_corners"] = False
+    return [torch.nn.functional.interpolate(data, mode=_RESIZE_MODES[mode], **kw)]
+
+
 def _group_query_attention(x, a):
     """GroupQueryAttention for the cases the attention rule writes: float q/k/v [B, S, *], KV
     cache [B, kv, P, D], rotate-half rotary from cos/sin caches [positions, D/2] at
@@ -440,6 +528,10 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "Min"): _min,
     ("", "Gelu"): _gelu,
     ("", "Dropout"): _identity,
+    ("", "Conv"): _conv,
+    ("", "ConvTranspose"): _conv_transpose,
+    ("", "BatchNormalization"): _batch_norm,
+    ("", "Resize"): _resize,
     (MS_DOMAIN, "GroupQueryAttention"): _group_query_attention,
     (MS_DOMAIN, "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
@@ -534,8 +626,8 @@ class TorchStage:
             try:
                 around = wrap.get(outs[0]) if outs else None
                 results = around(fn, args, attrs) if around else fn(args, attrs)
-            except UnsupportedOp:
-                raise
+            except UnsupportedOp as e:  # a case of the op it does not implement: name the node
+                raise UnsupportedOp(f"{name or '?'}: {e}") from e
             except Exception as e:  # a shape or type the op cannot take: name the node
                 raise UnsupportedOp(f"{name or '?'}: {type(e).__name__}: {e}") from e
             for o, r in zip(outs, results):
