@@ -86,6 +86,7 @@ def test_an_unknown_op_is_refused_by_name():
 def _vision_head(path, resize_modes):
     """x [2, 3, 10, 10] -> Conv 3x3 -> BatchNormalization -> Relu -> ConvTranspose 4x4 /2 ->
     one Resize per mode (linear and cubic to sizes, nearest by scales) -> y."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -132,8 +133,6 @@ def _vision_head(path, resize_modes):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    import onnx
-
     onnx.save(model, str(path))
     return path
 
