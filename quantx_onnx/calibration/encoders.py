@@ -185,9 +185,9 @@ def random_word_texts(
 
     ``zipf`` (the default): the word of id rank r (1: the lowest id) drawn with probability
     proportional to 1 / r, Zipf's law of natural text, with commas and a closing full stop,
-    so that "the", "of", "and" are as common as in prose (on all-MiniLM-L6-v2 closer to real text than uniform
-    draws: docs/ACCURACY.md); uniform draws where ids are alphabetical. ``uniform``: every
-    whole word equally likely, no punctuation."""
+    so that "the", "of", "and" are as common as in prose (on all-MiniLM-L6-v2 closer to real
+    text than uniform draws: docs/ACCURACY.md); uniform draws where ids are alphabetical.
+    ``uniform``: every whole word equally likely, no punctuation."""
     if kind not in TEXT_KINDS:
         known = "|".join(TEXT_KINDS)
         raise InputError(f"synthetic:{kind}: unknown synthetic text (synthetic:{known})")
