@@ -480,9 +480,9 @@ def _optimize_summary(report) -> str:
             )
             if not t.get("kept", True):
                 lines.append(
-                    f"  end-to-end tuning not kept: it raised the {what} on its first batches "
-                    f"({t['check_before']:.4f} -> {t['check_after']:.4f}); the layer-wise "
-                    "result is saved"
+                    f"  end-to-end tuning not kept: it did not lower the {what} on its first "
+                    f"batches ({t['check_before']:.4f} -> {t['check_after']:.4f}); the "
+                    "layer-wise result is saved"
                 )
         errs = [w["output_error"] for w in report.weights if "output_error" in w]
         lines.append("  per weight: recipe, bits/weight, relative output error")

@@ -402,6 +402,7 @@ def test_a_tuning_that_raises_the_error_is_not_kept(vision, tmp_path, monkeypatc
     import functools
 
     from quantx_onnx.calibration import e2e
+    from quantx_onnx.cli import _optimize_summary
 
     monkeypatch.setattr(e2e, "tune_end_to_end", functools.partial(e2e.tune_end_to_end, lr=0.5))
     held_out = [{"image": synthetic_images(4, SIZE, seed=7)}]
@@ -413,6 +414,7 @@ def test_a_tuning_that_raises_the_error_is_not_kept(vision, tmp_path, monkeypatc
     tuning = rep.tuning
     assert not tuning["kept"] and tuning["check_after"] >= tuning["check_before"], tuning
     np.testing.assert_array_equal(outs[2], outs[0])
+    assert "end-to-end tuning not kept: it did not lower" in _optimize_summary(rep)
 
 
 def _vision_with_a_head(path, seed=0):
