@@ -567,6 +567,9 @@ def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     assert reps[False].tuning["codes_moved"] == 0
     assert 0 < t["codes_moved"] < 0.2 * t["codes_tuned"], t
     assert kl[True] <= kl[False] * 1.02, kl
+    # the keep-or-revert check's losses are numbers in the report, as without rounding
+    assert isinstance(t["check_before"], float) and t["kept"], t
+    assert t["check_after"] < t["check_before"], t
 
     # both runs start from the same GPTQ codes: learned rounding moved each by <= 1 step
     def weights(run):

@@ -432,7 +432,7 @@ def tune_end_to_end(
     subs = {**frozen, **float_params}
     if rounders:
         subs.update({name: r.weight() for name, r in rounders.items()})
-    before = check_loss()
+    loss_before = check_loss()
     for step in progress(range(steps)) if progress else range(steps):
         f = feeds[order[step]]
         if rounders:
@@ -447,27 +447,25 @@ def tune_end_to_end(
 
     if rounders:
         subs.update({name: r.weight() for name, r in rounders.items()})
-    after = check_loss()
+    loss_after = check_loss()
     # a tuning that made the model worse where it was fitted (a step too large for a
     # sensitive model: a ViT at lr 2e-3 went 0.0026 -> 0.022, docs/ACCURACY.md) is not kept
-    kept = after < before
-    tuned = {}
-    moved = 0
-    for key, q in weights.items():
-        if key.initializer in rounders:
-            before = q.codes
-            q = rounders[key.initializer].tuned()
-            moved += int(np.count_nonzero(q.codes != before))
-        q = scale_columns(q, columns[key].detach().cpu().numpy(), spans[key])
-        if key in rows:
-            q = scale_inputs(q, rows[key].detach().cpu().numpy())
-        tuned[key] = q
-    new_floats = {
-        name: p.detach().cpu().numpy().astype(inits[name].const_value.dtype.numpy())
-        for name, p in float_params.items()
-    }
-    if not kept:
-        tuned, new_floats, moved = dict(weights), {}, 0
+    kept = loss_after < loss_before
+    tuned, new_floats, moved = dict(weights), {}, 0
+    if kept:
+        for key, q in weights.items():
+            if key.initializer in rounders:
+                codes = q.codes
+                q = rounders[key.initializer].tuned()
+                moved += int(np.count_nonzero(q.codes != codes))
+            q = scale_columns(q, columns[key].detach().cpu().numpy(), spans[key])
+            if key in rows:
+                q = scale_inputs(q, rows[key].detach().cpu().numpy())
+            tuned[key] = q
+        new_floats = {
+            name: p.detach().cpu().numpy().astype(inits[name].const_value.dtype.numpy())
+            for name, p in float_params.items()
+        }
     n = len(feeds) if epochs > 1 else max(1, steps // 2)  # per pass, or halves of one pass
     report = EndToEndReport(
         steps=steps,
@@ -483,8 +481,8 @@ def tune_end_to_end(
         loss=model_loss.kind,
         span=span,
         precision="bfloat16" if bf16 else "float32",
-        check_before=before,
-        check_after=after,
+        check_before=loss_before,
+        check_after=loss_after,
         kept=kept,
     )
     return tuned, new_floats, report

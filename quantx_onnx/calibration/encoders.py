@@ -195,7 +195,8 @@ def random_word_texts(
     rng = np.random.default_rng(seed)
     lengths = rng.integers(6, max(7, max_words + 1), size=count)
     if kind == "uniform" or not ids_follow_frequency(words):
-        return [" ".join(rng.choice(sorted(words), size=n)) for n in lengths]
+        alphabetical = sorted(words)  # the order the uniform draw has always used
+        return [" ".join(rng.choice(alphabetical, size=n)) for n in lengths]
     p = 1.0 / np.arange(1, len(words) + 1)
     p /= p.sum()
     texts = []

@@ -323,7 +323,7 @@ def _conv_args(x, a, transposed: bool = False):
     pads only (auto_pad other than NOTSET is refused)."""
     if x[0].dim() != 4:
         raise UnsupportedOp(f"{'ConvTranspose' if transposed else 'Conv'} of rank {x[0].dim()}")
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
         raise UnsupportedOp(f"auto_pad {a['auto_pad']}")
     pads = list(a.get("pads", [0, 0, 0, 0]))
     if pads[:2] != pads[2:]:
@@ -370,16 +370,11 @@ def _resize(x, a):
     torch = _torch()
     data = x[0]
     mode = a.get("mode", "nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
     coord = a.get("coordinate_transformation_mode", "half_pixel")
-    coord = coord.decode() if isinstance(coord, bytes) else coord
     if data.dim() != 4 or mode not in _RESIZE_MODES:
         raise UnsupportedOp(f"Resize mode {mode} of rank {data.dim()}")
     if mode == "nearest":
-        ok = coord == "asymmetric" and a.get("nearest_mode", "round_prefer_floor") in (
-            "floor",
-            b"floor",
-        )
+        ok = coord == "asymmetric" and a.get("nearest_mode", "round_prefer_floor") == "floor"
     else:
         ok = coord in ("half_pixel", "pytorch_half_pixel") and not a.get("exclude_outside", 0)
         ok = ok and (mode != "cubic" or abs(a.get("cubic_coeff_a", -0.75) + 0.75) < 1e-6)
