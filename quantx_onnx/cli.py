@@ -246,11 +246,11 @@ def _add_optimize(sub):
     p.add_argument(
         "--propagation",
         type=float,
-        default=0.0,
+        default=None,
         metavar="ALPHA",
         help="error propagation: fit each weight to the float layer's output on the quantized "
-        "model's inputs, this fraction of the way (0: off, default; 0.25 helps without "
-        "end-to-end tuning)",
+        "model's inputs, this fraction of the way (default: 0.5 for encoders, 0 (off) for "
+        "decoders, whose end-to-end tuning does as much; 0.25 helps decoders without it)",
     )
     p.add_argument(
         "--hessian",

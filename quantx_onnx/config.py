@@ -98,9 +98,10 @@ class QuantConfig:
     e2e_span: int | None = None
     block_steps: int = 0  # learned rounding per decoder layer (block reconstruction); 0: off
     # error propagation: each weight is fitted to the float layer's output on the quantized
-    # model's inputs, this fraction of the way (0: off, the default: with end-to-end tuning it
-    # measured no better, docs/ACCURACY.md; calibration/stats.py)
-    propagation: float = 0.0
+    # model's inputs, this fraction of the way (calibration/stats.py). None: off for decoders
+    # (with their end-to-end tuning it measured no better, docs/ACCURACY.md), ENCODER_PROPAGATION
+    # for encoders (calibration/encoders.py, encoder_defaults)
+    propagation: float | None = None
     device: str = "cpu"  # torch device of the heavy calibration steps: cpu, cuda, cuda:N
     overrides: tuple[str, ...] = ()  # "REGEX=bits:4,group:32": per-weight recipe changes
     portable: bool = False  # write stock-ORT operators instead of QuantX nodes (portable.py)
@@ -206,6 +207,8 @@ class QuantConfig:
             fields["e2e_epochs"] = E2E_EPOCHS if self.calibrated else 0
         if self.rotate is None:  # stock ONNX Runtime has no rotated MatMul (portable.py)
             fields["rotate"] = self.calibrated and not self.portable
+        if self.propagation is None:  # encoders got theirs from encoder_defaults
+            fields["propagation"] = 0.0
         if self.e2e_span is None:  # encoders got 0 from encoder_defaults
             fields["e2e_span"] = E2E_SPAN
         if self.plan_search is None:
@@ -281,7 +284,7 @@ class QuantConfig:
             raise InputError(
                 "--speedup/--max-ppl-increase plan from calibration: drop --uniform/--data-free"
             )
-        if not 0.0 <= self.propagation <= 1.0:
+        if self.propagation is not None and not 0.0 <= self.propagation <= 1.0:
             raise InputError(f"--propagation {self.propagation}: must be in [0, 1]")
         if self.propagation and (not self.sequential or self.data_free):
             raise InputError(

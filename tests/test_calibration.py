@@ -323,6 +323,7 @@ def test_a_decoder_with_a_tokenizer_calibrates_itself_by_default(self_calibrated
     out, rep = self_calibrated
     assert rep.calibration["source"] == "self" and rep.calibration["tokens"] == 8 * 48
     assert rep.config.group_size == 32 and rep.config.scale_bits == 4
+    assert rep.config.propagation == 0.0  # off for decoders: their end-to-end tuning does as much
     assert rep.plan["planned_bytes"] <= rep.plan["budget_bytes"]
     assert rep.tuning["steps"] == 2 and rep.tuning["kl_last"] < rep.tuning["kl_first"] * 1.5
     data = json.loads((out.parent / "q.json").read_text())

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantx_onnx import QuantConfig, optimize
 from quantx_onnx.calibration.encoders import (
+    ENCODER_PROPAGATION,
     SYNTHETIC,
     encoder_feeds,
     photo_images,
@@ -223,6 +224,25 @@ def test_the_default_vision_model_means_its_reference_and_beats_data_free(
     assert _rel_err(vision, out, held_out) < _rel_err(vision, rtn, held_out)
 
 
+def test_encoders_propagate_the_earlier_layers_error_by_default(vision, tmp_path):
+    """The encoder default fits each matrix part of the way to the float layer's output on the
+    quantized model's inputs: on held-out images the tiny model's output error is lower than
+    with propagation off (11-13% at 2 bits over four model seeds when this was written)."""
+    held_out = [{"image": synthetic_images(4, SIZE, seed=7)}]
+    errors = {}
+    for name, fields in (("default", {}), ("off", {"propagation": 0.0})):
+        out = tmp_path / f"{name}.onnx"
+        cfg = QuantConfig(bits=2, accuracy_level=0, calib_samples=8, **fields)
+        rep = optimize(vision, out, cfg)
+        errors[name] = _rel_err(vision, out, held_out)
+        expected = ENCODER_PROPAGATION if name == "default" else 0.0
+        assert rep.config.propagation == expected
+    assert errors["default"] < 0.95 * errors["off"], errors
+    # calibrated on float inputs (no quantized model to propagate through): off, not refused
+    rep = optimize(vision, tmp_path / "f.onnx", QuantConfig(accuracy_level=0, sequential=False))
+    assert rep.config.propagation == 0.0
+
+
 def test_calibration_photos_replace_the_synthetic_images(vision, tmp_path):
     Image = pytest.importorskip("PIL.Image")
 
@@ -340,6 +360,7 @@ def test_minilm_default_means_its_reference(minilm):
     assert rep.calibration["source"] == SYNTHETIC and rep.config.uniform
     # a text encoder's defaults: 512 synthetic texts, 2 passes fitted to the float outputs
     assert rep.config.calib_samples == 512 and rep.config.e2e_epochs == 2
+    assert rep.config.propagation == ENCODER_PROPAGATION
     assert rep.tuning["loss"] == "output error" and rep.tuning["kl_last"] < rep.tuning["kl_first"]
     ids, mask = tokenize(fp, sentences("gensim:lee", 4))
     names = ["input_ids", "attention_mask", "token_type_ids"]
