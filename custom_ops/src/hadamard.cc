@@ -6,55 +6,16 @@
 #include <cmath>
 #include <cstring>
 
+#include "hadamard12.h"
+
 namespace quantx {
 namespace {
 
-// H_12 = I + S (Paley, q = 11) as a compile-time table: the unrolled 12-point passes below
-// then compile to additions and subtractions.
-struct H12 {
-  int v[12][12];
-};
+using H12 = h12::Table;
+constexpr const H12& kH12 = h12::kH;
+constexpr const H12& kH12T = h12::kHT;  // H_12^T, for the inverse of the transform
 
-constexpr int Chi11(int x) {  // the quadratic character mod 11 (residues 1, 3, 4, 5, 9)
-  x = ((x % 11) + 11) % 11;
-  return x == 0 ? 0 : (x == 1 || x == 3 || x == 4 || x == 5 || x == 9) ? 1 : -1;
-}
-
-constexpr H12 MakeH12() {
-  H12 t{};
-  for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < 12; ++j) {
-      // S[0][j] = 1 (j > 0), S[i][0] = -1 (i > 0), S[1 + i'][1 + j'] = chi(j' - i').
-      const int s = i == 0 ? (j ? 1 : 0) : j == 0 ? -1 : Chi11(j - i);
-      t.v[i][j] = (i == j ? 1 : 0) + s;
-    }
-  return t;
-}
-
-constexpr H12 kH12 = MakeH12();
-
-constexpr H12 Transposed(const H12& h) {
-  H12 t{};
-  for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < 12; ++j) t.v[i][j] = h.v[j][i];
-  return t;
-}
-
-constexpr H12 kH12T = Transposed(kH12);  // H_12^T, for the inverse of the transform
-
-// Splits K = 12^a * 2^b (unique: a is the power of 3 in K); false if K has another form.
-bool Factor(int64_t K, int* a, int64_t* pow2) {
-  if (K < 1) return false;
-  int n12 = 0;
-  while (K % 12 == 0) {
-    K /= 12;
-    ++n12;
-  }
-  if (K & (K - 1)) return false;  // a factor 3 left without its 4, or another prime
-  *a = n12;
-  *pow2 = K;
-  return true;
-}
+using h12::Factor;
 
 // One factor H_12 along the axis of stride s, W offsets t at a time (W divides s): for every
 // block of 12 * s elements, y[j * s + t] = sum_i x[i * s + t] * H[i][j] (H = H_12 or, for the

@@ -98,7 +98,10 @@ void PadRowRotated(const MatMulPlan& plan, const void* a, ElemType type, int64_t
     else
       for (int64_t k = 0; k < K; ++k) x[k] *= d[k];
   }
-  HadamardTransform(x, K);
+  if (plan.kernels->hadamard)
+    plan.kernels->hadamard(x, K);
+  else
+    HadamardTransform(x, K);
   for (int64_t j = 0; j < f.n_groups(); ++j) {
     const int64_t len = f.group_length(j);
     float* dst = out + f.stored_offset(j);

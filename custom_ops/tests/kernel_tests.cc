@@ -669,6 +669,34 @@ bool CheckHadamardTransform(std::mt19937& rng, std::string* why) {
   return true;
 }
 
+// A table's own transform (KernelTable::hadamard) against HadamardTransform, bit for bit: it
+// promises the same additions in the same order, so rotated weights give the same activations
+// on every ISA. Every K form (the gathered rows of 12^a * 4, butterflies in lanes and across
+// vectors, the fallback), random rows with values of mixed magnitude.
+bool CheckTableHadamard(const KernelTable* kt, std::mt19937& rng, std::string* why) {
+  if (!kt->hadamard) return true;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t K : {1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 144, 192, 288, 384, 576, 768, 1152,
+                    1536, 1728, 2304, 4096, 6912}) {
+    for (int row = 0; row < 3; ++row) {
+      std::vector<float> x(static_cast<size_t>(K));
+      for (auto& v : x) v = normal(rng) * std::exp2(static_cast<float>(rng() % 17) - 8.0f);
+      std::vector<float> want = x, got = x;
+      HadamardTransform(want.data(), K);
+      kt->hadamard(got.data(), K);
+      for (int64_t k = 0; k < K; ++k)
+        if (std::memcmp(&want[k], &got[k], sizeof(float)) != 0) {
+          char buf[160];
+          std::snprintf(buf, sizeof buf, "hadamard K=%lld row %d: element %lld is %.9g, not %.9g",
+                        (long long)K, row, (long long)k, got[k], want[k]);
+          *why = buf;
+          return false;
+        }
+    }
+  }
+  return true;
+}
+
 // Expected output of a rotated case and its allowed error per element.
 struct RotatedRef {
   std::vector<double> y, slack;  // [M][N]; slack: int8 path, rounding ties
@@ -1058,6 +1086,11 @@ int main(int argc, char** argv) {
       continue;
     }
     if (CheckQuantize(kt, rng, &why)) ++passed;
+    else {
+      std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
+      ++failed;
+    }
+    if (CheckTableHadamard(kt, rot_rng, &why)) ++passed;
     else {
       std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
       ++failed;

@@ -83,6 +83,9 @@ struct KernelTable {
   // Reads `bytes` (a multiple of 64) as fast as this ISA can and returns a checksum: the
   // read-bandwidth roofline benchmarks compare against. nullptr: use StreamReadPortable.
   uint64_t (*stream_read)(const uint8_t* p, int64_t bytes) = nullptr;
+  // x[0..K-1] <- x @ H_K / sqrt(K) with this ISA's vectors, bit-identical to
+  // HadamardTransform (quantx/hadamard.h). nullptr: use HadamardTransform.
+  void (*hadamard)(float* x, int64_t K) = nullptr;
 };
 
 uint64_t StreamReadPortable(const uint8_t* p, int64_t bytes);

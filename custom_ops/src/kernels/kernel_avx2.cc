@@ -64,6 +64,7 @@
 #include <cstring>
 
 #include "decode.h"
+#include "hadamard_simd.h"
 #include "portable.h"
 #include "quantx/kernels.h"
 
@@ -1154,10 +1155,36 @@ void QuantizeActivationsAvx2(const float* a, int64_t M, int64_t lda, const KBloc
   }
 }
 
+// The vector moves of the Hadamard transform (hadamard_simd.h) on ymm.
+struct Avx2HadamardOps {
+  static constexpr int kLanes = 8;
+  using Vec = __m256;
+  static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  template <int h>
+  static Vec Swap(Vec v) {
+    if constexpr (h == 1) return _mm256_permute_ps(v, 0xB1);  // [1, 0, 3, 2] in each 128 bits
+    if constexpr (h == 2) return _mm256_permute_ps(v, 0x4E);  // [2, 3, 0, 1]
+    return _mm256_permute2f128_ps(v, v, 0x01);                 // h == 4: the halves swapped
+  }
+  static Vec LoadQuads(const float* p, int64_t stride) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + stride),
+                                1);
+  }
+  static void StoreQuads(float* p, int64_t stride, Vec v) {
+    _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+    _mm_storeu_ps(p + stride, _mm256_extractf128_ps(v, 1));
+  }
+};
+
+void HadamardAvx2(float* x, int64_t K) { SimdHadamard<Avx2HadamardOps>::Transform(x, K); }
+
 #if defined(QX_AVX_VNNI)
-const KernelTable kAvx2 = {"avx-vnni", MatMulAvx2, QuantizeActivationsAvx2, IsNative};
+const KernelTable kAvx2 = {"avx-vnni", MatMulAvx2, QuantizeActivationsAvx2, IsNative, nullptr,
+                           HadamardAvx2};
 #else
-const KernelTable kAvx2 = {"avx2", MatMulAvx2, QuantizeActivationsAvx2, IsNative};
+const KernelTable kAvx2 = {"avx2", MatMulAvx2, QuantizeActivationsAvx2, IsNative, nullptr,
+                           HadamardAvx2};
 #endif
 
 }  // namespace

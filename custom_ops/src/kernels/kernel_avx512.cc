@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "hadamard_simd.h"
 #include "portable.h"
 
 #ifndef QX_PREFETCH
@@ -553,8 +554,37 @@ uint64_t StreamReadAvx512(const uint8_t* p, int64_t bytes) {
   return checksum;
 }
 
+// The vector moves of the Hadamard transform (hadamard_simd.h) on zmm.
+struct Avx512HadamardOps {
+  static constexpr int kLanes = 16;
+  using Vec = __m512;
+  static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  template <int h>
+  static Vec Swap(Vec v) {
+    if constexpr (h == 1) return _mm512_permute_ps(v, 0xB1);  // [1, 0, 3, 2] in each 128 bits
+    if constexpr (h == 2) return _mm512_permute_ps(v, 0x4E);  // [2, 3, 0, 1]
+    if constexpr (h == 4) return _mm512_shuffle_f32x4(v, v, 0xB1);  // 128-bit lanes [1, 0, 3, 2]
+    return _mm512_shuffle_f32x4(v, v, 0x4E);                         // h == 8: [2, 3, 0, 1]
+  }
+  static Vec LoadQuads(const float* p, int64_t stride) {
+    Vec v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p + stride), 1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p + 2 * stride), 2);
+    return _mm512_insertf32x4(v, _mm_loadu_ps(p + 3 * stride), 3);
+  }
+  static void StoreQuads(float* p, int64_t stride, Vec v) {
+    _mm_storeu_ps(p, _mm512_castps512_ps128(v));
+    _mm_storeu_ps(p + stride, _mm512_extractf32x4_ps(v, 1));
+    _mm_storeu_ps(p + 2 * stride, _mm512_extractf32x4_ps(v, 2));
+    _mm_storeu_ps(p + 3 * stride, _mm512_extractf32x4_ps(v, 3));
+  }
+};
+
+void HadamardAvx512(float* x, int64_t K) { SimdHadamard<Avx512HadamardOps>::Transform(x, K); }
+
 const KernelTable kAvx512 = {"avx512", MatMulAvx512, QuantizeActivationsAvx512, Avx512Native,
-                             StreamReadAvx512};
+                             StreamReadAvx512, HadamardAvx512};
 
 }  // namespace
 
