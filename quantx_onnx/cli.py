@@ -148,7 +148,9 @@ def _add_optimize(sub):
         type=float,
         default=None,
         help="bit allocation: average bits per quantized weight, embeddings included "
-        "(default when calibrating: --bits + 0.7)",
+        "(default when calibrating: --bits + 0.7); encoders count their matrices only, "
+        "embedding tables keep their recipe (default: --bits + 0.3 for a text encoder, "
+        "one recipe for an image encoder)",
     )
     p.add_argument(
         "--budget-mb", type=float, default=None, help="bit allocation: model file size in MB"

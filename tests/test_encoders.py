@@ -3,6 +3,7 @@ photos and sentences, the measured bit plan, the accuracy metrics, and all-MiniL
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from collections import Counter
@@ -14,9 +15,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantx_onnx import QuantConfig, optimize
+from quantx_onnx.calibration.encoder_plan import candidate_recipes
 from quantx_onnx.calibration.encoders import (
     ENCODER_PROPAGATION,
     SYNTHETIC,
+    TEXT_ENCODER_MARGIN_BITS,
     encoder_feeds,
     photo_images,
     random_word_texts,
@@ -25,6 +28,7 @@ from quantx_onnx.calibration.encoders import (
 from quantx_onnx.encoder_data import sentences
 from quantx_onnx.encoder_eval import nearest_neighbours, pearson, text_metrics
 from quantx_onnx.errors import InputError
+from quantx_onnx.recipes import Recipe
 
 from .helpers import assert_means_its_reference, quantx_session
 
@@ -276,6 +280,34 @@ def test_a_text_encoder_calibrates_on_vocabulary_words(tmp_path):
     assert_means_its_reference(out / "model.onnx", feeds)
 
 
+def test_a_text_encoder_plans_its_matrices_at_the_uniform_size_by_default(tmp_path):
+    """A text encoder's default: a bit plan at --bits + TEXT_ENCODER_MARGIN_BITS per matrix
+    weight; the embedding table keeps its 4-bit recipe, its bytes outside that budget."""
+    folder = _tiny_text(tmp_path / "t")
+    rep = optimize(folder, tmp_path / "q", QuantConfig(accuracy_level=0, calib_samples=8))
+    assert not rep.config.uniform and rep.config.budget_bpw == 3 + TEXT_ENCODER_MARGIN_BITS
+    by_name = {w.name: w for w in rep.linear.weights}
+    table = by_name.pop("table")
+    assert table.attributes["bits"] == 4 and table.attributes["group_size"] == 32
+    matrix_weights = sum(w.K * w.N for w in by_name.values())
+    matrix_bytes = sum(w.packed_bytes for w in by_name.values())
+    assert rep.plan["budget_bytes"] == int(3.3 * matrix_weights / 8) + table.packed_bytes
+    assert 8 * matrix_bytes / matrix_weights <= 3.3
+    assert rep.plan["planned_bytes"] <= rep.plan["budget_bytes"]
+    cfg = QuantConfig(accuracy_level=0, calib_samples=8, uniform=True)
+    uniform = optimize(folder, tmp_path / "u", cfg)
+    assert uniform.plan is None and uniform.config.uniform
+
+
+def test_an_encoder_plan_never_offers_fewer_bits_than_the_run():
+    base = Recipe(bits=3, group_size=32, method="gptq", scale_bits=4, rotate=True)
+    offered = candidate_recipes(base)
+    assert offered[0] == base and {r.bits for r in offered} == {3, 4, 8}
+    assert {r.group_size for r in offered} == {32, 128}
+    two = candidate_recipes(dataclasses.replace(base, bits=2))
+    assert {r.bits for r in two} == {2, 3, 4, 8}
+
+
 def test_a_text_encoder_without_tokenizer_stays_data_free(tmp_path):
     folder = _tiny_text(tmp_path / "t")
     (folder / "tokenizer.json").unlink()
@@ -357,8 +389,10 @@ def test_minilm_default_means_its_reference(minilm):
     from quantx_onnx.encoder_data import text_feeds, tokenize
 
     fp, q, rep = minilm
-    assert rep.calibration["source"] == SYNTHETIC and rep.config.uniform
-    # a text encoder's defaults: 512 synthetic texts, 2 passes fitted to the float outputs
+    assert rep.calibration["source"] == SYNTHETIC and not rep.config.uniform
+    # a text encoder's defaults: a bit plan of the uniform recipe's size, 512 synthetic texts,
+    # 2 passes fitted to the float outputs
+    assert rep.plan is not None and rep.config.budget_bpw == 3 + TEXT_ENCODER_MARGIN_BITS
     assert rep.config.calib_samples == 512 and rep.config.e2e_epochs == 2
     assert rep.config.propagation == ENCODER_PROPAGATION
     assert rep.tuning["loss"] == "output error" and rep.tuning["kl_last"] < rep.tuning["kl_first"]

@@ -1,15 +1,20 @@
-"""The bit plan of an encoder: which matrices get more (or fewer) bits within the budget,
-from the model's own output on its calibration inputs (no backward pass, no labels).
+"""The bit plan of an encoder: which matrices get more bits and which coarser groups within
+the budget, from the model's own output on its calibration inputs (no backward pass, no
+labels).
 
 A decoder's plan weighs each matrix by the Fisher information of its next-token loss
 (:mod:`.sensitivity`); an encoder has no such loss. Here each matrix's sensitivity is measured
 directly in ONNX Runtime: the matrix alone is replaced by its round-to-nearest ``--bits``
 version and the relative squared error of the model's outputs over a few calibration batches
 is divided by the squared weight error, giving s_m (output error per unit of weight error).
-Each candidate recipe (2, 3, 4 or 8 bits, groups of 32 or 64) of matrix m is then priced
-s_m * |W - W_hat|^2 and :func:`..allocate.allocate` picks the plan of least total estimated
-output error within the byte budget. One session serves every measurement: the weights are
-made graph inputs, so each run feeds one matrix's rounded copy.
+Each candidate recipe (``--bits`` up to 4 and 8 bits, groups of 32 or 128) of matrix m is
+then priced s_m * |W - W_hat|^2 and :func:`..allocate.allocate` picks the plan of least total
+estimated output error within the byte budget, counted over the matrices (embedding tables
+keep their own recipe). One session serves every measurement: the weights are made graph
+inputs, so each run feeds one matrix's rounded copy.
+
+A text encoder's default (:func:`.encoders.encoder_defaults`): a plan at --bits +
+TEXT_ENCODER_MARGIN_BITS, the size of the uniform recipe (groups of 32, hierarchical scales).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from ..recipes import Recipe
 from ..runtime import session_options
 
 SENSITIVITY_BATCHES = 2  # calibration batches each matrix's sensitivity is measured on
-PLAN_BITS = (2, 3, 4, 8)
-PLAN_GROUPS = (32, 64)
+PLAN_BITS = (3, 4, 8)  # offered from the run's --bits up
+PLAN_GROUPS = (32, 128)
 
 
 def _in_orientation(weight: ir.Value, key: WeightKey, w_kn: np.ndarray) -> np.ndarray:
@@ -104,9 +109,12 @@ def output_sensitivity(
 
 
 def candidate_recipes(base: Recipe) -> list[Recipe]:
-    out = []
-    for bits in PLAN_BITS:
-        if bits < max(2, base.bits - 1):
+    """``base`` and its variants at PLAN_BITS from ``base.bits`` up, in PLAN_GROUPS. Never fewer
+    bits than ``base``: 2-bit bets lost to the uniform recipe on both encoders measured
+    (docs/ACCURACY.md), as they did in the decoders' default plan."""
+    out = [base]
+    for bits in (base.bits, *PLAN_BITS):
+        if bits < base.bits:
             continue
         for group in PLAN_GROUPS:
             r = dataclasses.replace(base, bits=bits, group_size=group)
@@ -122,32 +130,43 @@ def encoder_plan(
     recipe: Recipe,
     recipes: dict[WeightKey, Recipe],
     pinned: set[WeightKey],
+    tables: set[WeightKey],
     layout: Layout,
     budget_bpw: float,
     threads: int | None = None,
     progress=None,
 ) -> Plan:
     """The plan: ``recipes`` holds each weight's recipe without a plan (``recipe`` with
-    overrides and the embedding-table recipe applied); ``pinned`` weights keep theirs."""
+    overrides and the embedding-table recipe applied); ``pinned`` weights keep theirs. The
+    budget counts the matrices' weights (the bits per weight encoders are compared by, as
+    ONNX Runtime's quantizer leaves tables float); the embedding ``tables`` keep their recipe
+    and their bytes come on top."""
     by_key: dict[WeightKey, list[LinearMatch]] = {}
     for m in matches:
         by_key.setdefault(m.key, []).append(m)
+    fixed = pinned | tables
+    free = {k: ms for k, ms in by_key.items() if k not in fixed}
     sens = output_sensitivity(
-        model, by_key, feeds[:SENSITIVITY_BATCHES], recipe, layout, threads, progress
+        model, free, feeds[:SENSITIVITY_BATCHES], recipe, layout, threads, progress
     )
     candidates = {}
-    total = 0
+    matrix_weights = table_bytes = 0
     for key, ms in by_key.items():
         w = weight_array(ms[0].weight, key)
         K, N = w.shape
-        total += K * N
         base = recipes[key]
-        options = [base] if key in pinned else candidate_recipes(base)
+        if key in tables:
+            table_bytes += stored_bytes(base, K, N, layout)
+        else:
+            matrix_weights += K * N
+        if key in fixed:
+            candidates[key] = [Candidate(base, stored_bytes(base, K, N, layout), 0.0)]
+            continue
         candidates[key] = [
             Candidate(r, stored_bytes(r, K, N, layout), sens[key] * _weight_error(r, w, layout))
-            for r in options
+            for r in candidate_recipes(base)
         ]
-    budget = int(budget_bpw * total / 8)
+    budget = int(budget_bpw * matrix_weights / 8) + table_bytes
     return Plan.of(allocate(candidates, budget), budget)
 
 
@@ -176,6 +195,7 @@ def plan_for_run(ir_model, matches, tables, feeds, config, recipe, overrides, la
         recipe,
         recipes,
         pinned,
+        set(fields) & tables,
         layout,
         config.budget_bpw,
         config.threads,

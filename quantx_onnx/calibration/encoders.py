@@ -254,12 +254,19 @@ TEXT_ENCODER_EPOCHS = 2  # ... and passes of end-to-end tuning over them
 # lower on both calibration seeds measured, on ViT-S 1 - Pearson 29% lower over three seeds
 # (0.75 and 1 no better; docs/ACCURACY.md). Decoders keep it off.
 ENCODER_PROPAGATION = 0.5
+# A text encoder's bit plan (:mod:`.encoder_plan`) by default, at this many bits per matrix
+# weight above --bits: the uniform recipe's own size (3.295 for 3 bits), spent by measured
+# sensitivity (4 bits for some matrices, groups of 128 for others). On all-MiniLM-L6-v2
+# 1 - cosine 17-21% lower than the uniform recipe on both seeds measured; on ViT-S no better
+# over three seeds, so image encoders stay uniform (docs/ACCURACY.md).
+TEXT_ENCODER_MARGIN_BITS = 0.3
 
 
 def encoder_defaults(model: ir.Model, config):
-    """``config`` with the encoder recipe's defaults where the user left them unset: one
-    recipe for every matrix (GPTQ 3-bit, groups of 32 with hierarchical scales; a bit plan
-    only with --budget-bpw, :mod:`.encoder_plan`: it measured no better). A text encoder
+    """``config`` with the encoder recipe's defaults where the user left them unset: GPTQ
+    3-bit, groups of 32 with hierarchical scales, one recipe for every matrix of an image
+    encoder and a bit plan of the same size for a text encoder (TEXT_ENCODER_MARGIN_BITS,
+    :mod:`.encoder_plan`). A text encoder
     calibrates on TEXT_ENCODER_SAMPLES inputs and tunes TEXT_ENCODER_EPOCHS passes against the
     float model's outputs (on all-MiniLM-L6-v2 1 - cosine 20% lower than 32 inputs without
     tuning, 224 s against 24-49 s on 2 cores; docs/ACCURACY.md); an image encoder takes
@@ -274,7 +281,10 @@ def encoder_defaults(model: ir.Model, config):
     text = image_input(model) is None and text_inputs(model) is not None
     fields = {}
     if config.budget_bpw is None and config.budget_mb is None:
-        fields["uniform"] = True
+        if text and not config.uniform:
+            fields["budget_bpw"] = config.bits + TEXT_ENCODER_MARGIN_BITS
+        else:
+            fields["uniform"] = True
     if config.e2e_epochs is None:
         fields["e2e_epochs"] = TEXT_ENCODER_EPOCHS if text else 0
     if text and config.calib_samples is None:
