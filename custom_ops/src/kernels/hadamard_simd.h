@@ -8,7 +8,8 @@
 // - the first H_12 pass of K = 12^a * 4 (stride 4: SmolLM2's 576) gathers the 4-float rows of
 //   kLanes / 4 blocks of 48 into one vector (the reference fills 4 lanes there);
 // - the last H_12 pass multiplies by 1 / sqrt(K) as it stores (the reference: a pass of its own).
-// Other K (12^a with fewer than 4 factors 2 after it, short K) fall back to HadamardTransform.
+// Other K (fewer factors 2 than a vector has lanes, but for 12^a * 4 with enough blocks of 48
+// to fill a vector) fall back to HadamardTransform.
 //
 // Ops supplies the vector type and its moves (kernel_avx2.cc, kernel_avx512.cc):
 //   kLanes; Vec; Load(p), Store(p, v); Swap<h>(v) (lane i gets lane i ^ h, h < kLanes);
@@ -120,7 +121,7 @@ struct SimdHadamard {
       HadamardTransform(x, K);
       return;
     }
-    float inv_s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(K)));
+    const float inv_s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(K)));
     float inv[L];
     for (float& v : inv) v = inv_s;
     const Vec scale = Ops::Load(inv);
