@@ -540,8 +540,9 @@ def optimize(
     accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
     matches = [m for _, m in accepted]
     tables = {m.key for m in matches if m.rule == "gather"}
+    user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
     for key, fields in table_fields(config, tables, matches).items():  # with tied lm_heads
-        quantizer = with_recipe_for({key}, fields, quantizer)
+        quantizer = with_recipe_for({key}, fields, quantizer, user)
 
     cache: dict[WeightKey, object] = {}
     entries: dict[WeightKey, dict] = {}

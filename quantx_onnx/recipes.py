@@ -210,15 +210,20 @@ def parse_override(text: str) -> tuple[str, dict]:
     return pattern, fields
 
 
-def recipe_for(base: Recipe, overrides, names: list[str]) -> Recipe:
-    """`base` with every override whose pattern matches one of `names` applied, in order."""
+def override_fields(overrides, names: list[str]) -> dict:
+    """The fields of every override whose pattern matches one of `names`, later ones winning."""
     import re
 
-    recipe = base
+    out = {}
     for pattern, fields in overrides:
         if any(re.search(pattern, n) for n in names):
-            recipe = dataclasses.replace(recipe, **fields)
-    return recipe
+            out.update(fields)
+    return out
+
+
+def recipe_for(base: Recipe, overrides, names: list[str]) -> Recipe:
+    """`base` with every override whose pattern matches one of `names` applied, in order."""
+    return dataclasses.replace(base, **override_fields(overrides, names))
 
 
 def table_fields(config, tables: set, matches) -> dict:
@@ -234,13 +239,15 @@ def table_fields(config, tables: set, matches) -> dict:
     return {k: config.embedding_fields(k in tied) for k in tables}
 
 
-def with_recipe_for(keys: set, fields: dict, quantizer):
+def with_recipe_for(keys: set, fields: dict, quantizer, overrides=()):
     """`quantizer` with `fields` forced for the weights in `keys` (matched by structure, e.g.
-    embedding tables, rather than by name)."""
+    embedding tables, rather than by name); the user's `overrides` that match such a weight
+    by name still apply on top."""
 
     def quantize(key: WeightKey, w_kn, stats, names=(), forced=None):
-        if key in keys:  # a plan's choice (`forced`) wins over the structural default
-            forced = {**fields, **(forced or {})}
+        if key in keys:  # the user's overrides, then a plan's choice (`forced`), win
+            user = override_fields(overrides, [key.initializer, *names])
+            forced = {**fields, **user, **(forced or {})}
         return quantizer(key, w_kn, stats, names, forced=forced)
 
     return quantize

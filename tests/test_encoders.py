@@ -299,6 +299,25 @@ def test_a_text_encoder_plans_its_matrices_at_the_uniform_size_by_default(tmp_pa
     assert uniform.plan is None and uniform.config.uniform
 
 
+def test_a_users_override_reaches_an_embedding_table(tmp_path):
+    """Tables get their recipe by structure (--embedding-bits); a user's --override naming one
+    still applies on top, with or without a plan (it was silently ignored without one)."""
+    folder = _tiny_text(tmp_path / "t")
+    runs = {
+        "plan": QuantConfig(accuracy_level=0, calib_samples=8),
+        "uniform": QuantConfig(accuracy_level=0, calib_samples=8, uniform=True),
+        "data-free": QuantConfig(accuracy_level=0, data_free=True),
+    }
+    for name, cfg in runs.items():
+        cfg = dataclasses.replace(cfg, overrides=("table=bits:8",))
+        rep = optimize(folder, tmp_path / name, cfg)
+        bits = {w.name: w.attributes["bits"] for w in rep.linear.weights}
+        assert bits == {"table": 8, "w1": 3, "w2": 3}, (name, bits)
+    ids = np.array([[2, 5, 9, 11]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    assert_means_its_reference(tmp_path / "data-free" / "model.onnx", feeds)
+
+
 def test_an_encoder_plan_never_offers_fewer_bits_than_the_run():
     base = Recipe(bits=3, group_size=32, method="gptq", scale_bits=4, rotate=True)
     offered = candidate_recipes(base)
