@@ -168,6 +168,11 @@ class QuantConfig:
         except ValueError as e:
             raise InputError(str(e)) from None
 
+    def user_overrides(self, parsed: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        """``parsed`` (:meth:`parsed_overrides`) without the built-in lm_head override at its
+        head: the user's own, which pin the weights they name."""
+        return parsed[1:] if self.embedding_bits != 0 else parsed
+
     def embedding_fields(self, matmul_reads: bool = True) -> dict:
         """The recipe fields of an embedding table or lm_head. ``matmul_reads``: a MatMul reads
         the weight (an lm_head, tied to a table or not), so it is rotated as the run's other

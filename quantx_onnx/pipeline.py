@@ -284,7 +284,7 @@ def _plan(
     sens = _kept(shared, "sensitivity", sensitivity)
     weights = {k: weight_array(ms[0].weight, k) for k, ms in by_key.items()}
     base, pinned = {}, set()
-    user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
+    user = config.user_overrides(overrides)
     for k, ms in by_key.items():
         names = [k.initializer, *(m.name for m in ms)]
         base[k] = recipe_for(recipe, overrides, names)
@@ -540,7 +540,7 @@ def optimize(
     accepted, _, _ = find_matches(ir_model.graph, DEFAULT_RULES, excluded)
     matches = [m for _, m in accepted]
     tables = {m.key for m in matches if m.rule == "gather"}
-    user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0] is the lm_head's
+    user = config.user_overrides(overrides)
     for key, fields in table_fields(config, tables, matches).items():  # with tied lm_heads
         quantizer = with_recipe_for({key}, fields, quantizer, user)
 

@@ -178,7 +178,7 @@ def plan_for_run(ir_model, matches, tables, feeds, config, recipe, overrides, la
 
     if config.budget_bpw is None:
         raise BudgetError("an encoder's bit plan takes --budget-bpw, not --budget-mb")
-    user = overrides[1:] if config.embedding_bits != 0 else overrides  # [0]: the lm_head's
+    user = config.user_overrides(overrides)
     fields = table_fields(config, tables, matches)
     recipes, pinned = {}, set()
     for m in matches:
