@@ -155,12 +155,13 @@ def encoder_plan(
         w = weight_array(ms[0].weight, key)
         K, N = w.shape
         base = recipes[key]
+        base_bytes = stored_bytes(base, K, N, layout)
         if key in tables:
-            table_bytes += stored_bytes(base, K, N, layout)
+            table_bytes += base_bytes
         else:
             matrix_weights += K * N
         if key in fixed:
-            candidates[key] = [Candidate(base, stored_bytes(base, K, N, layout), 0.0)]
+            candidates[key] = [Candidate(base, base_bytes, 0.0)]
             continue
         candidates[key] = [
             Candidate(r, stored_bytes(r, K, N, layout), sens[key] * _weight_error(r, w, layout))
