@@ -59,7 +59,7 @@ def _add_optimize(sub):
         help="output .onnx file or folder (default: beside the input, MODEL.quantx.onnx for a "
         "file, FOLDER-quantx/ for a folder; refused if it exists)",
     )
-    p.add_argument("--bits", type=int, default=3, help="bits per weight code: 2, 3, 4 or 8")
+    p.add_argument("--bits", type=int, default=3, help="bits per weight code: 2, 3, 4, 5, 6 or 8")
     p.add_argument(
         "--group-size",
         type=int,

@@ -25,7 +25,7 @@ OP_MATMUL = "QxMatMul"
 OP_GATHER = "QxGather"
 OP_VERSION = 1
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 K_ALIGN = 16  # every group is stored padded to a multiple of 16 k (one TILE16 super-block)
 TILE_N = 16  # columns per TILE16 tile
 MAX_GROUP = 4096
@@ -411,6 +411,10 @@ def _unpack_row(f: WeightFormat, t: dict[str, np.ndarray]) -> dict[str, np.ndarr
 #   3: 64 bytes   low two bits as for 2-bit, then 4 x 8 bytes: bit `lane` of little-endian uint64
 #                 number s = bit 2 of code[s][lane]
 #   4: 128 bytes  block h (h = 0, 1): byte[lane] = code[2h][lane] | code[2h+1][lane] << 4
+#   5: 160 bytes  bits 0-3 as for 4-bit, then 4 x 8 bytes: bit `lane` of little-endian uint64
+#                 number s = bit 4 of code[s][lane]
+#   6: 192 bytes  bits 0-3 as for 4-bit, then bits 4-5 as a 2-bit plane:
+#                 byte[lane] = sum_s (code[s][lane] >> 4) << 2s
 #   8: 256 bytes  block s: byte[lane] = code[s][lane]
 def _tile16_lanes(f: WeightFormat, codes: np.ndarray) -> np.ndarray:
     """codes [N, K] -> [T, k_stored/16, 4 (step), 64 (lane)]."""
@@ -434,21 +438,42 @@ def _tile16_codes(f: WeightFormat, lanes: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _plane2(x: np.ndarray) -> np.ndarray:
+    """[T, SB, 4, 64] 2-bit values -> [T, SB, 64]: byte[lane] = sum_s x[s][lane] << 2s."""
+    return (x[:, :, 0] | x[:, :, 1] << 2 | x[:, :, 2] << 4 | x[:, :, 3] << 6).astype(np.uint8)
+
+
+def _unplane2(plane: np.ndarray) -> np.ndarray:
+    return np.stack([(plane >> (2 * s)) & 3 for s in range(4)], axis=2)
+
+
+def _masks(x: np.ndarray) -> np.ndarray:
+    """[T, SB, 4, 64] bits -> [T, SB, 32]: four little-endian uint64 lane masks."""
+    return np.packbits(x, axis=-1, bitorder="little").reshape(*x.shape[:2], 32)
+
+
+def _unmasks(data: np.ndarray) -> np.ndarray:
+    T, SB = data.shape[:2]
+    return np.unpackbits(data.reshape(T, SB, 4, 8), axis=-1, bitorder="little")
+
+
 def _pack_codes_tile16(f: WeightFormat, codes: np.ndarray) -> np.ndarray:
     x = _tile16_lanes(f, codes)  # [T, SB, 4, 64]
     b = f.bits
     if b == 8:
         out = x.reshape(*x.shape[:2], 256)
-    elif b == 4:
-        out = (x[:, :, 0::2] | (x[:, :, 1::2] << 4)).reshape(*x.shape[:2], 128)
+    elif b >= 4:
+        low = x & 15
+        parts = [(low[:, :, 0::2] | (low[:, :, 1::2] << 4)).reshape(*x.shape[:2], 128)]
+        if b == 5:
+            parts.append(_masks((x >> 4) & 1))
+        elif b == 6:
+            parts.append(_plane2(x >> 4))
+        out = np.concatenate(parts, axis=-1)
     else:
-        low = x & 3
-        out = (low[:, :, 0] | low[:, :, 1] << 2 | low[:, :, 2] << 4 | low[:, :, 3] << 6).astype(
-            np.uint8
-        )
+        out = _plane2(x & 3)
         if b == 3:
-            high = np.packbits((x >> 2) & 1, axis=-1, bitorder="little")  # [T, SB, 4, 8]
-            out = np.concatenate([out, high.reshape(*x.shape[:2], 32)], axis=-1)
+            out = np.concatenate([out, _masks((x >> 2) & 1)], axis=-1)
     return out.reshape(f.shapes()["B"])
 
 
@@ -457,15 +482,17 @@ def _unpack_codes_tile16(f: WeightFormat, data: np.ndarray) -> np.ndarray:
     T, SB = data.shape[0], data.shape[1]
     if b == 8:
         x = data.reshape(T, SB, 4, 64)
-    elif b == 4:
-        blocks = data.reshape(T, SB, 2, 64)
+    elif b >= 4:
+        blocks = data[:, :, :128].reshape(T, SB, 2, 64)
         x = np.stack([blocks & 15, blocks >> 4], axis=3).reshape(T, SB, 4, 64)
+        if b == 5:
+            x = x | (_unmasks(data[:, :, 128:160]) << 4)
+        elif b == 6:
+            x = x | (_unplane2(data[:, :, 128:192]) << 4)
     else:
-        low = data[:, :, :64]
-        x = np.stack([(low >> (2 * s)) & 3 for s in range(4)], axis=2)
+        x = _unplane2(data[:, :, :64])
         if b == 3:
-            high = np.unpackbits(data[:, :, 64:96].reshape(T, SB, 4, 8), axis=-1, bitorder="little")
-            x = x | (high << 2)
+            x = x | (_unmasks(data[:, :, 64:96]) << 2)
     return _tile16_codes(f, x.astype(np.uint8))
 
 

@@ -44,9 +44,17 @@ def stored_bytes(recipe: Recipe, K: int, N: int, layout: Layout, scale_bytes: in
     return total
 
 
-def candidate_recipes(bases: list[Recipe], pinned: bool, two_bits: bool = False) -> list[Recipe]:
+# The default plan's widths: 5 and 6 bits (since 2026-12-07) are for explicit budgets, the
+# wider search; the default plan was measured without them and keeps its candidates.
+DEFAULT_PLAN_BITS = (2, 3, 4, 8)
+
+
+def candidate_recipes(
+    bases: list[Recipe], pinned: bool, two_bits: bool = False, widths=DEFAULT_PLAN_BITS
+) -> list[Recipe]:
     """Each base grid at its bits, one step below (never under 3 bits unless ``two_bits`` or
-    the base is 2-bit), and every width above. A pinned weight keeps its first base.
+    the base is 2-bit), and every width of ``widths`` above. A pinned weight keeps its first
+    base.
 
     The default plan (the run's bits plus a margin) has no 2-bit candidates: lowering a few
     matrices to 2 bits to raise others to 4 is priced by a round-to-nearest error on the
@@ -57,7 +65,7 @@ def candidate_recipes(bases: list[Recipe], pinned: bool, two_bits: bool = False)
     out = []
     for base in bases:
         lowest = min(base.bits, max(2 if two_bits else 3, base.bits - 1))
-        for b in SUPPORTED_BITS:
+        for b in sorted({base.bits, *widths}):
             r = dataclasses.replace(base, bits=b)
             if b >= lowest and r not in out:
                 out.append(r)
@@ -69,12 +77,12 @@ SEARCH_FP16_GROUPS = (128,)  # ... where fp16 scales (no sub-scales) are also tr
 
 
 def search_recipes(bases: list[Recipe], pinned: bool) -> list[Recipe]:
-    """The wider search: each base at 2-4 bits over SEARCH_GROUPS with its own scale format
+    """The wider search: each base at 2-6 bits over SEARCH_GROUPS with its own scale format
     and, where SEARCH_FP16_GROUPS says, fp16 scales; 8 bits on the base grid only."""
     if pinned:
         return [bases[0]]
     out = []
-    for r in candidate_recipes(bases, False, two_bits=True):
+    for r in candidate_recipes(bases, False, two_bits=True, widths=SUPPORTED_BITS):
         variants = [r]
         if r.bits < 8:
             for g in SEARCH_GROUPS:

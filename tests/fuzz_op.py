@@ -32,7 +32,7 @@ from quantx_onnx.quantize.rtn import quantize_rtn
 
 
 def _valid_weight(rng) -> tuple[QuantizedWeight, dict]:
-    bits = int(rng.choice([2, 3, 4, 8]))
+    bits = int(rng.choice([2, 3, 4, 5, 6, 8]))
     K = int(rng.integers(1, 300))
     N = int(rng.integers(1, 70))
     group = int(rng.choice([0, 16, 32, 64, 128]))
@@ -55,7 +55,7 @@ def _mutate(rng, fmt: WeightFormat, packed: dict, attrs: dict) -> str:
     """Break one thing; returns what was broken."""
     choice = int(rng.integers(0, 9))
     if choice == 0:
-        attrs["bits"] = int(rng.choice([0, 1, 5, 7, 16, -3]))
+        attrs["bits"] = int(rng.choice([0, 1, 7, 9, 16, -3]))
         return "bits"
     if choice == 1:
         attrs["group_size"] = int(rng.choice([-16, 8, 24, 5000, 1 << 40]))

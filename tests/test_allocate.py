@@ -9,7 +9,7 @@ import pytest
 
 from quantx_onnx.allocate import BINS, BudgetError, Candidate, allocate
 from quantx_onnx.format import Layout, pack, packed_bytes
-from quantx_onnx.plan import candidate_recipes, stored_bytes
+from quantx_onnx.plan import candidate_recipes, search_recipes, stored_bytes
 from quantx_onnx.quantize.rtn import quantize_rtn
 from quantx_onnx.recipes import Recipe
 
@@ -90,3 +90,7 @@ def test_candidates_span_the_bits_of_each_grid():
     two = Recipe(2, 32, "gptq", scale_bits=4)  # a 2-bit run keeps its own bits
     assert [r.bits for r in candidate_recipes([two], pinned=False)] == [2, 3, 4, 8]
     assert candidate_recipes([base, table], pinned=True) == [base]
+    # explicit budgets search every width the format has, 5 and 6 bits included
+    got = search_recipes([base, table], pinned=False)
+    assert sorted({r.bits for r in got}) == [2, 3, 4, 5, 6, 8]
+    assert {r.group_size for r in got if r.bits == 5} == {32, 128}

@@ -145,7 +145,7 @@ def test_missing_input(tmp_path):
 @pytest.mark.parametrize(
     "flags,text",
     [
-        (["--bits", "5"], "--bits 5"),
+        (["--bits", "7"], "--bits 7"),
         (["--group-size", "24"], "--group-size 24"),
         (["--target", "riscv"], "--target 'riscv'"),
         (["--exclude", "("], "invalid regular expression"),

@@ -34,7 +34,7 @@ def test_pack_bits_lsb_first_by_hand():
     assert pack_bits(np.array([7]), 3).tolist() == [7]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_unpack_bits_inverts_pack_bits(bits, rng):
     v = rng.integers(0, 1 << bits, size=(3, 37)).astype(np.uint8)
     assert np.array_equal(unpack_bits(pack_bits(v, bits), bits, 37), v)
@@ -61,6 +61,27 @@ def test_tile16_3bit_lane_and_planes_by_hand():
     nz = np.argwhere(B)
     assert nz.tolist() == [[1, 2, 21], [1, 2, 82]]
     assert B[1, 2, 21] == 0x30 and B[1, 2, 82] == 0x20
+
+
+def test_tile16_5bit_and_6bit_planes_by_hand():
+    # column 21 = tile 1, c = 5; k = 41: super-block 2, step s = 2, lane 21 (as above). Bits 0-3
+    # sit in the low nibble (s even) of 4-bit block s // 2 = 1: byte 64 + 21 = 85.
+    five = WeightFormat(K=64, N=32, bits=5, group_size=32, layout=Layout.TILE16)
+    B = pack(_one_code_weight(five, n=21, k=41, code=0b10110))["B"]
+    assert B.shape == (2, 4, 160)
+    # 0b0110 in the low nibble of byte 85; bit 4 = bit 21 of uint64 s = 2: byte 128 + 16 + 2, bit 5
+    assert {tuple(i): int(B[tuple(i)]) for i in np.argwhere(B)} == {
+        (1, 2, 85): 0b0110,
+        (1, 2, 146): 0x20,
+    }
+    six = WeightFormat(K=64, N=32, bits=6, group_size=32, layout=Layout.TILE16)
+    B = pack(_one_code_weight(six, n=21, k=41, code=0b101001))["B"]
+    assert B.shape == (2, 4, 192)
+    # 0b1001 in byte 85; bits 4-5 (0b10) in the 2-bit plane at byte 128 + 21, shifted by 2s = 4
+    assert {tuple(i): int(B[tuple(i)]) for i in np.argwhere(B)} == {
+        (1, 2, 85): 0b1001,
+        (1, 2, 149): 0b10 << 4,
+    }
 
 
 @pytest.mark.parametrize(
@@ -99,7 +120,7 @@ def test_zero_points_tile16_by_hand():
 
 def _formats():
     for bits, group, sym, layout, (K, N) in itertools.product(
-        (2, 3, 4, 8),
+        (2, 3, 4, 5, 6, 8),
         (16, 32, 64, 128, 0),
         (False, True),
         (Layout.ROW, Layout.TILE16),
@@ -177,7 +198,7 @@ def test_bits_per_weight_is_exact():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(K=64, N=8, bits=5), "bits"),
+        (dict(K=64, N=8, bits=7), "bits"),
         (dict(K=64, N=8, bits=3, group_size=24), "group_size"),
         (dict(K=0, N=8, bits=3), "K and N"),
         (dict(K=64, N=8, bits=3, scale_bits=9, super_group=4), "scale_bits"),

@@ -23,18 +23,18 @@ def _cpu_flags() -> set[str]:
 
 
 def _run_kernel_tests(build_dir: str, *args: str, options=()) -> str:
-    """Builds quantx_kernel_tests into `build_dir`, runs it with `args` (600 random cases per
+    """Builds quantx_kernel_tests into `build_dir`, runs it with `args` (720 random cases per
     table), asserts that every check passed and returns its output."""
     out = build(build_dir, "-DQUANTX_BUILD_OPS=OFF", *options, targets=("quantx_kernel_tests",))
     r = subprocess.run(
-        [str(out / "custom_ops" / "quantx_kernel_tests"), *args, "--cases", "600"],
+        [str(out / "custom_ops" / "quantx_kernel_tests"), *args, "--cases", "720"],
         capture_output=True,
         text=True,
         timeout=1800,
     )
     passed, failed = passed_failed(r.stdout)
     assert r.returncode == 0 and failed == 0, r.stdout[-3000:]
-    assert passed >= 600
+    assert passed >= 720
     return r.stdout
 
 

@@ -50,7 +50,8 @@ SHAPES = [  # (a_shape, K, N, group)
 
 
 @pytest.mark.parametrize(
-    "bits,layout,shape", list(itertools.product((2, 3, 4, 8), (Layout.ROW, Layout.TILE16), SHAPES))
+    "bits,layout,shape",
+    list(itertools.product((2, 3, 4, 5, 6, 8), (Layout.ROW, Layout.TILE16), SHAPES)),
 )
 def test_float_path_matches_dequantized_matmul(bits, layout, shape, rng):
     a_shape, K, N, g = shape
@@ -63,7 +64,8 @@ def test_float_path_matches_dequantized_matmul(bits, layout, shape, rng):
 
 
 @pytest.mark.parametrize(
-    "bits,layout,shape", list(itertools.product((2, 3, 4, 8), (Layout.ROW, Layout.TILE16), SHAPES))
+    "bits,layout,shape",
+    list(itertools.product((2, 3, 4, 5, 6, 8), (Layout.ROW, Layout.TILE16), SHAPES)),
 )
 def test_int8_path_matches_reference_simulation(bits, layout, shape, rng):
     a_shape, K, N, g = shape
@@ -142,9 +144,10 @@ def _gather_model(q: QuantizedWeight, idx_shape, dtype=1):
     )
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6])
 @pytest.mark.parametrize("layout", [Layout.ROW, Layout.TILE16])
-def test_gather_reads_rows_of_the_transposed_weight(layout, rng):
-    q, _ = random_quantized(rng, 72, 50, 3, 32, layout)  # W [K=72, N=50]: 50 table rows
+def test_gather_reads_rows_of_the_transposed_weight(layout, bits, rng):
+    q, _ = random_quantized(rng, 72, 50, bits, 32, layout)  # W [K=72, N=50]: 50 table rows
     q = dataclasses.replace(
         q, input_scale=rng.uniform(0.5, 2, 72).astype(np.float16).astype(np.float32)
     )
@@ -191,7 +194,7 @@ def test_wrong_packed_shape_is_refused_at_session_creation(rng):
 @pytest.mark.parametrize(
     "attrs,match",
     [
-        ({"bits": 5}, "bits must be"),
+        ({"bits": 7}, "bits must be"),
         ({"group_size": 24}, "group_size"),
         ({"layout": 7}, "layout must be"),
         ({"accuracy_level": 9}, "accuracy_level"),

@@ -370,5 +370,5 @@ def test_recipe_overrides_per_weight(tmp_path, rng):
     assert attrs["mlp_proj"]["bits"] == 3 and attrs["mlp_proj"]["group_size"] == 0  # 64 >= K
     with pytest.raises(Exception, match="unknown field 'bitz'"):
         optimize(tmp_path / "m.onnx", tmp_path / "q2.onnx", QuantConfig(overrides=("a=bitz:4",)))
-    with pytest.raises(Exception, match="--bits 5"):
-        optimize(tmp_path / "m.onnx", tmp_path / "q2.onnx", QuantConfig(overrides=("a=bits:5",)))
+    with pytest.raises(Exception, match="--bits 7"):
+        optimize(tmp_path / "m.onnx", tmp_path / "q2.onnx", QuantConfig(overrides=("a=bits:7",)))

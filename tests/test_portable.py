@@ -93,6 +93,8 @@ CASES = [
     (128, 16, 8, 32, Layout.TILE16, "symmetric"),  # MatMulNBits without zero points
     (160, 24, 4, 32, Layout.ROW, "hierarchical"),  # MatMulNBits, expanded scales
     (128, 24, 4, 512, Layout.ROW, "asymmetric"),  # group beyond MatMulNBits' 256
+    (96, 40, 5, 32, Layout.TILE16, "asymmetric"),  # 5 bits: planes of 4 and 1, a subgraph
+    (150, 37, 6, 32, Layout.ROW, "hierarchical"),  # 6 bits: planes of 4 and 2
 ]
 
 
@@ -105,6 +107,7 @@ def test_matmul_matches_reference_without_the_library(K, N, bits, group, layout,
     ops = _op_types(portable)
     assert not any(d == DOMAIN for d, _ in ops)
     native = (group or K) in (16, 32, 64, 128, 256) and "codebook" not in kind
+    native = native and bits not in (5, 6)  # MatMulNBits has no 5- or 6-bit codes
     assert report.matmulnbits == int(native) and report.subgraph == int(not native)
     assert (("com.microsoft", "MatMulNBits") in ops) == native
     a = rng.standard_normal((2, 3, K)).astype(np.float32)
@@ -137,6 +140,8 @@ def test_float16_activations(bits, group, kind, rng):
         (4, 32, Layout.ROW, "asymmetric"),
         (3, 64, Layout.ROW, "hierarchical"),
         (3, 32, Layout.TILE16, "codebook-rows"),
+        (5, 32, Layout.TILE16, "asymmetric"),
+        (6, 64, Layout.ROW, "hierarchical"),
     ],
 )
 def test_gather_reads_packed_rows(bits, group, layout, kind, rng):

@@ -13,7 +13,7 @@ from quantx_onnx import QuantConfig, optimize
 from quantx_onnx.allocate import BudgetError, Candidate, allocate, allocate_with_time, plan_time
 from quantx_onnx.bench import target_cost
 
-from .helpers import llm_feeds, quantx_session
+from .helpers import assert_means_its_reference, llm_feeds, quantx_session
 
 
 def _timed_instance(rng, matrices=8):
@@ -242,3 +242,26 @@ def test_sweep_writes_the_table_and_the_plot(tiny_with_tokenizer, text_file, tmp
         config=QuantConfig(calib_samples=8, calib_seq_len=32, e2e_epochs=0), log=logs.append,
     )  # fmt: skip
     assert not any(": optimize " in line for line in logs)
+
+
+def test_budgets_between_4_and_8_bits_use_5_and_6_bit_codes(
+    tiny_llama, calib, tmp_path, cost_cache
+):
+    """The wider search offers 5 and 6 bits: a budget between the 4- and 8-bit plans takes
+    them, and the file (float path) computes what its numpy-dequantized reference does."""
+    shared: dict = {}
+    chosen = set()
+    for bpw in (10.0, 11.0):
+        out = tmp_path / str(bpw)
+        rep = optimize(
+            tiny_llama,
+            out,
+            QuantConfig(budget_bpw=bpw, e2e_epochs=0, accuracy_level=0),
+            calib_feeds=calib,
+            shared=shared,
+        )
+        bits = {m["recipe"].split()[1] for m in rep.plan["matrices"]}
+        chosen |= bits
+        if bits & {"5-bit", "6-bit"}:
+            assert_means_its_reference(out / "model.onnx", calib[0])
+    assert chosen & {"5-bit", "6-bit"}, chosen

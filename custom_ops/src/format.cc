@@ -10,8 +10,8 @@ std::string WeightFormat::Validate() const {
     err << "K and N must be >= 1, got K=" << K << " N=" << N;
   } else if (K > (int64_t{1} << 31) || N > (int64_t{1} << 31)) {
     err << "K and N must be < 2^31, got K=" << K << " N=" << N;
-  } else if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-    err << "bits must be 2, 3, 4 or 8, got " << bits;
+  } else if (bits < 2 || bits > 8 || bits == 7) {
+    err << "bits must be 2, 3, 4, 5, 6 or 8, got " << bits;
   } else if (group_size != 0 &&
              (group_size % kKAlign != 0 || group_size < kKAlign || group_size > kMaxGroup)) {
     err << "group_size must be 0 (per-channel) or a multiple of 16 in [16, 4096], got "

@@ -12,7 +12,7 @@
 #   QEMU       qemu user-mode binary (default: qemu-aarch64)
 #   CPU_DOT    CPU model with dotprod (default: max)
 #   CPU_NODOT  CPU model without dotprod (default: cortex-a53)
-#   CASES      random cases per kernel table (default: 480, one full cycle of the formats)
+#   CASES      random cases per kernel table (default: 720, one full cycle of the formats)
 #   SEED       test seed (default: 1234)
 #   JOBS       build parallelism (default: 2)
 # Exits non-zero on any build error, test failure or unexpected table list.
@@ -24,7 +24,7 @@ SYSROOT="${SYSROOT:-/usr/aarch64-linux-gnu}"
 QEMU="${QEMU:-qemu-aarch64}"
 CPU_DOT="${CPU_DOT:-max}"
 CPU_NODOT="${CPU_NODOT:-cortex-a53}"
-CASES="${CASES:-480}"
+CASES="${CASES:-720}"
 SEED="${SEED:-1234}"
 JOBS="${JOBS:-2}"
 

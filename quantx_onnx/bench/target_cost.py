@@ -1,6 +1,6 @@
 """`python -m quantx_onnx bench calibrate-target`: the cost model of a target, measured.
 
-For every candidate format the bit allocator may choose (bits 2/3/4/8, group 32/64/128, fp16
+For every candidate format the bit allocator may choose (bits 2-6 and 8, group 32/64/128, fp16
 or hierarchical 4-bit sub-scales) one QuantX MatMul of a fixed shape is timed at decode (M=1)
 and at a prefill M, its weights DRAM-resident (rotating copies, as :mod:`.kernels` does); an
 fp32 MatMul of the same shape is the reference. The result, nanoseconds per weight, is cached
@@ -30,7 +30,7 @@ SCALE_BITS = (0, 4)  # fp16 scales per group, or 4-bit sub-scales under an fp16 
 SUPER_GROUP = 8
 SHAPE = (1536, 1536)  # K, N of the timed matmul
 PREFILL_M = 64
-VERSION = 1
+VERSION = 2  # 2: 5- and 6-bit formats
 
 
 def cache_dir() -> Path:
@@ -116,7 +116,9 @@ _ARM = {
     "arm64-neon": {"gbps": 12.0, "dot_ns": 0.020, "unpack": 0.030},
     "arm64-dotprod": {"gbps": 15.0, "dot_ns": 0.006, "unpack": 0.025},
 }
-_UNPACK_FACTOR = {2: 0.8, 3: 1.4, 4: 0.6, 8: 0.3}
+# 5 and 6 bits scaled from 3 and 4 by the instructions of the dotprod decode loop per
+# super-block (generated code: 3-bit 107, 5-bit 94, 6-bit 62, 4-bit 41).
+_UNPACK_FACTOR = {2: 0.8, 3: 1.4, 4: 0.6, 5: 1.3, 6: 0.9, 8: 0.3}
 
 
 def builtin_default(target: str) -> CostModel:

@@ -62,7 +62,13 @@ uint32_t Tile16Code(const uint8_t* sb, int bits, int c, int64_t k_in_sb) {
     case 8:
       return sb[s * 64 + lane];
     case 4:
-      return (sb[(s >> 1) * 64 + lane] >> ((s & 1) * 4)) & 15u;
+    case 5:
+    case 6: {  // bits 0-3 as the 4-bit layout, then bit 4 as 3-bit's masks or bits 4-5 as a plane
+      uint32_t v = (sb[(s >> 1) * 64 + lane] >> ((s & 1) * 4)) & 15u;
+      if (bits == 5) v |= ((sb[128 + s * 8 + (lane >> 3)] >> (lane & 7)) & 1u) << 4;
+      if (bits == 6) v |= ((sb[128 + lane] >> (2 * s)) & 3u) << 4;
+      return v;
+    }
     default: {
       uint32_t v = (sb[lane] >> (2 * s)) & 3u;
       if (bits == 3) v |= ((sb[64 + s * 8 + (lane >> 3)] >> (lane & 7)) & 1u) << 2;

@@ -12,7 +12,10 @@
 //     shift is harmless because the mask drops what crosses bytes); 4-bit codes are the two
 //     nibbles of a plane; 8-bit codes are the bytes. The 3-bit high bit of lane i is bit i of a
 //     32-bit mask: vpbroadcastd + vpshufb (mask byte i/8 to lane i) + vpand with 1 << (i%8) +
-//     vpcmpeqb make a byte mask, and vpand 4 + vpor merge it with the low two bits.
+//     vpcmpeqb make a byte mask, and vpand 4 + vpor merge it with the low two bits. 5- and
+//     6-bit codes are a 4-bit layout (the low four bits) plus bit 4 as 3-bit's masks (vpand 16)
+//     or bits 4-5 as a 2-bit plane (one 16-bit shift per step moves the pair to bits 4-5, where
+//     no bit crossing a byte lands, then vpand 0x30), merged by vpor.
 //   - Int8 path: the four k of a column share one 32-bit lane, which is the operand order of
 //     vpmaddubsw (u8 code x s8 activation, adjacent pairs summed to int16) followed by vpmaddwd
 //     with ones (int16 pairs summed to int32): each int32 lane is one column's dot over 4 k, and
@@ -20,10 +23,13 @@
 //     two ymm accumulators are the tile's 16 output columns.
 //     vpmaddubsw saturates its int16 pair sums. Codes <= 15 (2/3/4-bit) keep them below
 //     2 * 15 * 128 = 3840, so they are summed in int16 over up to 8 steps (4-bit), 16 (3-bit)
-//     or 32 (2-bit) before one vpmaddwd. 8-bit codes and int8 codebook values (+128) could reach
-//     2 * 255 * 127 > 2^15, so they use the sign trick: w' = value - 128 (vpxor 0x80) as s8, and
-//     vpmaddubsw(|w'|, sign(a, w')) = w' * a exactly (|w'| <= 128 and |a| <= 127 bound a pair
-//     by 32512); dot = dot' + 128 * sum(a) folds into the zero-point term.
+//     or 32 (2-bit) before one vpmaddwd. 5- and 6-bit codes (pairs up to 2 * 63 * 128 = 16128)
+//     are summed in int16 over runs of only two steps (32256 < 2^15), each widened into int32
+//     accumulators: still cheaper than the sign trick, which costs a vpsignb per row and step.
+//     8-bit codes and int8 codebook values (+128) could reach 2 * 255 * 127 > 2^15, so they use
+//     the sign trick: w' = value - 128 (vpxor 0x80) as s8, and vpmaddubsw(|w'|, sign(a, w')) =
+//     w' * a exactly (|w'| <= 128 and |a| <= 127 bound a pair by 32512); dot = dot' + 128 *
+//     sum(a) folds into the zero-point term.
 //     dot - zero * sum(a) is formed from exact integers before any scaling, as the reference.
 //   - Float path: in the int32 view of a code vector column c is lane c, so (v & 0xff << 8r)
 //     holds k = 4s + r of 8 columns after one vpand; vcvtdq2ps makes it code * 2^8r exactly,
@@ -291,13 +297,13 @@ GroupParams LoadParams(const float* scale, const float* zero, float zero_shift) 
 // ------------------------------------------------------------------------------------------
 // Native TILE16 unpacking.
 
-// Bit i of the 32-bit mask at p as byte i: 4 if set, else 0.
-inline __m256i HighBitAsFour(const uint8_t* p) {
+// Bit i of the 32-bit mask at p as byte i: value if set, else 0.
+inline __m256i MaskBitAs(const uint8_t* p, char value) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
   const __m256i x = _mm256_and_si256(_mm256_shuffle_epi8(Broadcast4(p), spread), bit);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(4));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(value));
 }
 
 // Codes of k4-step s (0-3) of the super-block at sb, columns 8h .. 8h + 7, as u8: lane
@@ -306,24 +312,39 @@ template <int kBits>
 inline __m256i UnpackStep(const uint8_t* sb, int s, int h) {
   if constexpr (kBits == 8) {
     return Load256(sb + 64 * s + 32 * h);
-  } else if constexpr (kBits == 4) {
+  } else if constexpr (kBits >= 4) {
     const __m256i p = Load256(sb + 64 * (s >> 1) + 32 * h);
-    return _mm256_and_si256(s & 1 ? _mm256_srli_epi16(p, 4) : p, _mm256_set1_epi8(0x0f));
+    const __m256i low =
+        _mm256_and_si256(s & 1 ? _mm256_srli_epi16(p, 4) : p, _mm256_set1_epi8(0x0f));
+    if constexpr (kBits == 4) return low;
+    if constexpr (kBits == 5) return _mm256_or_si256(low, MaskBitAs(sb + 128 + 8 * s + 4 * h, 16));
+    // 6-bit: step s's pair of the plane moved to bits 4-5 by one 16-bit shift (the bits a shift
+    // carries across a byte boundary never land on bits 4-5), then & 0x30
+    const __m256i plane = Load256(sb + 128 + 32 * h);
+    const __m256i moved = s == 3 ? _mm256_srli_epi16(plane, 2)
+                          : s == 2 ? plane
+                                   : _mm256_slli_epi16(plane, 4 - 2 * s);
+    return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(0x30)));
   } else {
     const __m256i p = Load256(sb + 32 * h);
     const __m256i low = _mm256_and_si256(s ? _mm256_srli_epi16(p, 2 * s) : p, _mm256_set1_epi8(3));
     if constexpr (kBits == 2) return low;
-    return _mm256_or_si256(low, HighBitAsFour(sb + 64 + 8 * s + 4 * h));
+    return _mm256_or_si256(low, MaskBitAs(sb + 64 + 8 * s + 4 * h, 4));
   }
 }
 
 // ------------------------------------------------------------------------------------------
 // Int8 path.
 //
-// Codes of at most 4 bits are multiplied directly (u8 x s8); 8-bit codes and codebook values
+// Codes of at most 6 bits are multiplied directly (u8 x s8); 8-bit codes and codebook values
 // use the sign trick (see the top of the file). Steps whose int16 pair sums may be added before
 // widening, each pair being at most 2 * (2^bits - 1) * 128:
-constexpr int Int16Steps(int bits) { return bits <= 2 ? kMaxSteps : bits == 3 ? 16 : 8; }
+constexpr int Int16Steps(int bits) {
+  return bits <= 2 ? kMaxSteps : bits == 3 ? 16 : bits == 4 ? 8 : bits == 5 ? 4 : 2;
+}
+// 5- and 6-bit codes are summed in int16 over runs of this many steps, shorter than a
+// super-block: Int16Steps(6), and for 5-bit codes as fast as their 4 (fewer live registers).
+constexpr int kShortRun = Int16Steps(6);
 
 inline __m256i Widen(__m256i pairs16) {  // int16 pairs to int32 sums (vpmaddwd with ones)
   return _mm256_madd_epi16(pairs16, _mm256_set1_epi16(1));
@@ -357,6 +378,22 @@ inline __m256i PartialToInt32(__m256i partial) {
   return partial;
 #else
   return Widen(partial);
+#endif
+}
+
+// dot + u8 codes v[i] . s8 activations x[i] over a run of kRun steps (kRun <= Int16Steps): AVX2
+// sums the run in int16 and widens it at once; AVX-VNNI adds each step straight into dot.
+template <int kRun>
+inline __m256i AddRun(__m256i dot, const __m256i* v, const __m256i* x) {
+#if defined(QX_AVX_VNNI)
+#pragma GCC unroll 4
+  for (int i = 0; i < kRun; ++i) dot = Dpbusd(dot, v[i], x[i]);
+  return dot;
+#else
+  __m256i sum16 = _mm256_maddubs_epi16(v[0], x[0]);
+#pragma GCC unroll 4
+  for (int i = 1; i < kRun; ++i) sum16 = AddPartial(sum16, v[i], x[i]);
+  return _mm256_add_epi32(dot, Widen(sum16));
 #endif
 }
 
@@ -435,6 +472,34 @@ inline void DotSuperBlocksUnsigned(const uint8_t* sb, int j0, int j1, const int8
       dot[r][h] = _mm256_add_epi32(dot[r][h], PartialToInt32(sum16[r][h]));
 }
 
+// Decode, 5- and 6-bit codes: dot[r] += the block's n_sb super-blocks times row r. Each run of
+// kShortRun steps is unpacked once for all rows, then summed per row (AddRun), so that only the
+// int32 dots live across runs.
+template <int kBits, int kRows>
+inline void DotSuperBlocksShort(const uint8_t* sb, int n_sb, const int8_t* const* a,
+                                __m256i (*dot)[2]) {
+  constexpr int kRun = kShortRun;
+  for (int j = 0; j < n_sb; ++j) {
+    const uint8_t* p = sb + j * 32 * kBits;
+#pragma GCC unroll 4
+    for (int s0 = 0; s0 < 4; s0 += kRun) {
+      __m256i v[2][kRun];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+        for (int i = 0; i < kRun; ++i) v[h][i] = UnpackStep<kBits>(p, s0 + i, h);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        __m256i x[kRun];
+#pragma GCC unroll 4
+        for (int i = 0; i < kRun; ++i) x[i] = Broadcast4(a[r] + 16 * j + 4 * (s0 + i));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) dot[r][h] = AddRun<kRun>(dot[r][h], v[h], x);
+      }
+    }
+  }
+}
+
 // Decode, 8-bit codes: dot[r] += super-block j of the block times row r, as w' (sign trick).
 template <int kRows>
 inline void DotSuperBlockSigned(const uint8_t* sb, int j, const int8_t* const* a,
@@ -456,7 +521,8 @@ inline void DotSuperBlockSigned(const uint8_t* sb, int j, const int8_t* const* a
 // Decode, int8 path: native TILE16, rows [m0, m0 + kRows), unpacked in registers.
 template <int kBits, int kRows>
 void DecodeInt8(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int64_t m0) {
-  constexpr int kChunk = kBits == 8 ? 1 : Int16Steps(kBits) / 4;  // super-blocks per int16 sum
+  // super-blocks per int16 sum of DotSuperBlocksUnsigned (codes <= 15)
+  constexpr int kChunk = kBits <= 4 ? Int16Steps(kBits) / 4 : 1;
   const WeightView& w = *args.w;
   const Tile16Params<kBits> reader(w, kBits == 8 ? 128.0f : 0.0f);
   const int64_t sb_bytes = 32 * kBits;
@@ -482,12 +548,16 @@ void DecodeInt8(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, in
       }
       const uint8_t* sb = w.B + t * tile_bytes + b.offset / kKAlign * sb_bytes;
       const int n_sb = static_cast<int>(b.length / kKAlign);
-      for (int j = 0; j < n_sb; j += kChunk) {
-        if constexpr (kBits == 8)
-          DotSuperBlockSigned<kRows>(sb, j, a, dot);
-        else
-          DotSuperBlocksUnsigned<kBits, kRows>(sb, j, j + kChunk < n_sb ? j + kChunk : n_sb, a,
-                                               dot);
+      if constexpr (kBits == 5 || kBits == 6) {
+        DotSuperBlocksShort<kBits, kRows>(sb, n_sb, a, dot);
+      } else {
+        for (int j = 0; j < n_sb; j += kChunk) {
+          if constexpr (kBits == 8)
+            DotSuperBlockSigned<kRows>(sb, j, a, dot);
+          else
+            DotSuperBlocksUnsigned<kBits, kRows>(sb, j, j + kChunk < n_sb ? j + kChunk : n_sb, a,
+                                                 dot);
+        }
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
@@ -637,7 +707,7 @@ struct Int8Block {
   GroupParams params;
 };
 
-// Codes of a chunk: per k4-step either 64 bytes of u8 codes <= 15 (columns 0-7, then 8-15) or,
+// Codes of a chunk: per k4-step either 64 bytes of u8 codes <= 63 (columns 0-7, then 8-15) or,
 // in signed mode, 128 bytes: |w'| of both halves, then w'.
 struct Int8Chunk {
   alignas(64) uint8_t data[kChunkSteps * 128];
@@ -716,6 +786,37 @@ inline void SumSteps(const Int8Block& blk, int s0, int s1, const int8_t* a, int6
   }
 }
 
+// dot[r] = codes x row r over all steps of blk, in runs of kRun steps (5- and 6-bit codes,
+// whose int16 runs are shorter than a super-block): each run is summed per row (AddRun), so
+// that only the int32 dots live across runs. Block lengths are multiples of 16 k, hence of
+// kRun steps.
+template <int kRows, int kRun>
+inline void SumShortRuns(const Int8Block& blk, const int8_t* a, int64_t lda, __m256i (*dot)[2]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < blk.steps; s0 += kRun) {
+    const uint8_t* codes = blk.codes + 64 * s0;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      __m256i x[kRun];
+#pragma GCC unroll 4
+      for (int i = 0; i < kRun; ++i) x[i] = Broadcast4(a + r * lda + 4 * (s0 + i));
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i w[kRun];
+#pragma GCC unroll 4
+        for (int i = 0; i < kRun; ++i) w[i] = Load256(codes + 64 * i + 32 * h);
+        dot[r][h] = AddRun<kRun>(dot[r][h], w, x);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    Pin(dot[r][0]);
+    Pin(dot[r][1]);
+  }
+}
+
 // Unsigned chunk microkernel: y[r] += the chunk's contribution to row r. a: row 0 at the start
 // of the stored k axis, rows lda apart; sa, isum: row 0's per-block activation scales and sums.
 // The int16 sums are widened every kFlush steps; y stays in memory (L1), the registers hold
@@ -728,7 +829,10 @@ void ChunkRowsUnsigned(const Int8Chunk& chunk, const int8_t* a, int64_t lda, con
     const int8_t* ab = a + blk.offset;
     __m256i part[kRows][2];
     __m256 dot[kRows][2];
-    if (blk.steps <= kFlush) {  // the usual case: one int16 run per block
+    if constexpr (kFlush < 4) {  // 5- and 6-bit codes: int32 sums over the whole block
+      SumShortRuns<kRows, kFlush>(blk, ab, lda, part);
+      AddPartialDot<kRows>(blk, isum, nb, true, part, dot);
+    } else if (blk.steps <= kFlush) {  // the usual case: one int16 run per block
       SumSteps<kRows>(blk, 0, blk.steps, ab, lda, part);
       AddPartialDot<kRows>(blk, isum, nb, true, part, dot);
     } else {
@@ -780,6 +884,13 @@ void ChunkRowsSigned(const Int8Chunk& chunk, const int8_t* a, int64_t lda, const
 }
 
 constexpr int kUnsignedRowBlock = 4;  // 8 int16 accumulators
+// 5- and 6-bit codes (SumShortRuns): 3 rows are faster on AVX2 (6 int32 accumulators leave room
+// for the run's codes and activations); AVX-VNNI's vpdpbusd chains want the 8 of 4 rows.
+#if defined(QX_AVX_VNNI)
+constexpr int kShortRowBlock = 4;
+#else
+constexpr int kShortRowBlock = 3;
+#endif
 constexpr int kSignedRowBlock = 2;    // 4 int32 + 4 float accumulators + 4 code vectors
 
 // All rows of the call over one chunk; a: row 0 at the start of the stored k axis.
@@ -799,8 +910,9 @@ void ChunkUnsigned(const Int8Chunk& chunk, const Int8Rows& in, int64_t rows, flo
     kernel(chunk, in.a + r * in.lda, in.lda, in.sa + r * in.nb, in.sum + r * in.nb, in.nb,
            y + r * kTileN);
   };
-  for (; r + kUnsignedRowBlock <= rows; r += kUnsignedRowBlock)
-    run(ChunkRowsUnsigned<kUnsignedRowBlock, kFlush>);
+  constexpr int kBlock = kFlush < 4 ? kShortRowBlock : kUnsignedRowBlock;
+  for (; r + kBlock <= rows; r += kBlock)
+    run(ChunkRowsUnsigned<kBlock, kFlush>);
   switch (rows - r) {
     case 3:
       return run(ChunkRowsUnsigned<3, kFlush>);
@@ -868,7 +980,7 @@ template <int kBits>
 void FillInt8Chunk(const MatMulArgs& args, const Tile16Params<kBits ? kBits : 8>& reader, int64_t t,
                    int64_t b0, int64_t b1, Int8Chunk* chunk) {
   const WeightView& w = *args.w;
-  chunk->is_signed = kBits ? kBits == 8 : w.codebook != nullptr || w.fmt.bits == 8;
+  chunk->is_signed = kBits ? kBits == 8 : w.codebook != nullptr || w.fmt.bits > 4;
   uint8_t* out = chunk->data;
   chunk->n_blocks = 0;
   for (int64_t bi = b0; bi < b1; ++bi) {
@@ -906,8 +1018,10 @@ void PrefillInt8(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, i
         ChunkUnsigned<Int16Steps(2)>(chunk, in, rows, y);
       else if (bits == 3)
         ChunkUnsigned<Int16Steps(3)>(chunk, in, rows, y);
-      else
+      else if (bits == 4)
         ChunkUnsigned<Int16Steps(4)>(chunk, in, rows, y);
+      else  // 5- and 6-bit
+        ChunkUnsigned<kShortRun>(chunk, in, rows, y);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const __m256 acc[2] = {_mm256_load_ps(y + r * kTileN), _mm256_load_ps(y + r * kTileN + 8)};
@@ -1078,22 +1192,28 @@ void MatMulBits(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, int6
   }
 }
 
+// Widths with a native TILE16 unpacker here (UnpackStep).
+bool HasNativeBits(int bits) { return bits <= 6 || bits == 8; }
+
 bool IsNative(const WeightView& w, ComputePath) {
-  return w.fmt.layout == Layout::kTile16 && !w.codebook;
+  return w.fmt.layout == Layout::kTile16 && !w.codebook && HasNativeBits(w.fmt.bits);
 }
 
 void MatMulAvx2(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int64_t row_begin,
                 int64_t row_end) {
   if (row_end <= row_begin || tile_end <= tile_begin) return;
   const WeightView& w = *args.w;
-  const bool native = w.fmt.layout == Layout::kTile16 && !w.codebook;
-  switch (native ? w.fmt.bits : 0) {
+  switch (IsNative(w, args.path) ? w.fmt.bits : 0) {
     case 2:
       return MatMulBits<2>(args, tile_begin, tile_end, row_begin, row_end);
     case 3:
       return MatMulBits<3>(args, tile_begin, tile_end, row_begin, row_end);
     case 4:
       return MatMulBits<4>(args, tile_begin, tile_end, row_begin, row_end);
+    case 5:
+      return MatMulBits<5>(args, tile_begin, tile_end, row_begin, row_end);
+    case 6:
+      return MatMulBits<6>(args, tile_begin, tile_end, row_begin, row_end);
     case 8:
       return MatMulBits<8>(args, tile_begin, tile_end, row_begin, row_end);
     default:

@@ -6,6 +6,8 @@
 //  - 3-bit: the same, plus one 64-bit mask per step loaded straight into a k-register (kmovq)
 //    that adds 4 to exactly the lanes whose high bit is set (masked vpaddb): no bit shuffling;
 //  - 4-bit: two loads, nibbles by vpandd / vpsrlw; 8-bit: plain loads;
+//  - 5- and 6-bit: the 4-bit nibbles, then bit 4 from a k-mask (masked vpaddb) or bits 4-5
+//    from a 2-bit plane (one shift and a vpternlogd per step);
 // and vpdpbusd multiplies the unsigned codes by int8 activations broadcast four at a time,
 // accumulating one int32 per column: no horizontal reductions anywhere. Zero points and
 // hierarchical sub-scales (16 packed values per tile and group) expand with two pdep (BMI2).
@@ -174,13 +176,30 @@ template <int kBits>
 inline void UnpackSuperblock(const uint8_t* sb, __m512i w[4]) {
   if constexpr (kBits == 8) {
     for (int s = 0; s < 4; ++s) w[s] = _mm512_loadu_si512(sb + 64 * s);
-  } else if constexpr (kBits == 4) {
+  } else if constexpr (kBits >= 4) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     const __m512i a = _mm512_loadu_si512(sb), b = _mm512_loadu_si512(sb + 64);
     w[0] = _mm512_and_si512(a, lo4);
     w[1] = _mm512_and_si512(_mm512_srli_epi16(a, 4), lo4);
     w[2] = _mm512_and_si512(b, lo4);
     w[3] = _mm512_and_si512(_mm512_srli_epi16(b, 4), lo4);
+    if constexpr (kBits == 5) {
+      // bit 4: one mask per step, as 3-bit's bit 2; added to exactly its lanes
+      const __m512i sixteen = _mm512_set1_epi8(16);
+      for (int s = 0; s < 4; ++s) {
+        uint64_t bits;
+        std::memcpy(&bits, sb + 128 + 8 * s, 8);
+        w[s] = _mm512_mask_add_epi8(w[s], _cvtu64_mask64(bits), w[s], sixteen);
+      }
+    } else if constexpr (kBits == 6) {
+      // bits 4-5: a 2-bit plane; step s's pair moved to bits 4-5 by one 16-bit shift (the
+      // bits a shift carries across a byte never land on bits 4-5), then (x & 0x30) | w
+      const __m512i hi2 = _mm512_set1_epi8(0x30);
+      const __m512i plane = _mm512_loadu_si512(sb + 128);
+      const __m512i moved[4] = {_mm512_slli_epi16(plane, 4), _mm512_slli_epi16(plane, 2), plane,
+                                _mm512_srli_epi16(plane, 2)};
+      for (int s = 0; s < 4; ++s) w[s] = _mm512_ternarylogic_epi32(moved[s], hi2, w[s], 0xEA);
+    }
   } else {
     const __m512i lo2 = _mm512_set1_epi8(0x03);
     const __m512i plane = _mm512_loadu_si512(sb);
@@ -276,6 +295,8 @@ void Int8DecodeTiles(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0)
         _mm_prefetch(reinterpret_cast<const char*>(sb) + kPrefetchBytes, _MM_HINT_T0);
         if constexpr (kBits >= 3)
           _mm_prefetch(reinterpret_cast<const char*>(sb) + kPrefetchBytes + 64, _MM_HINT_T0);
+        if constexpr (kBits >= 5)
+          _mm_prefetch(reinterpret_cast<const char*>(sb) + kPrefetchBytes + 128, _MM_HINT_T0);
         __m512i wv[4];
         UnpackSuperblock<kBits>(sb, wv);
 #pragma GCC unroll 4
@@ -499,6 +520,8 @@ void MatMulAvx512(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, in
     case 2: return MatMulBits<2>(args, t0, t1, m0, m1);
     case 3: return MatMulBits<3>(args, t0, t1, m0, m1);
     case 4: return MatMulBits<4>(args, t0, t1, m0, m1);
+    case 5: return MatMulBits<5>(args, t0, t1, m0, m1);
+    case 6: return MatMulBits<6>(args, t0, t1, m0, m1);
     case 8: return MatMulBits<8>(args, t0, t1, m0, m1);
     default: return MatMulBits<0>(args, t0, t1, m0, m1);
   }

@@ -12,16 +12,20 @@
 //    four 2-bit fields of the same byte); 3-bit: the same low plane, and the 2 high-bit bytes
 //    of a (step, quarter) broadcast over 8 lanes each with tbl, cmtst against
 //    {1, 2, ..., 128} and bsl into bit 2; 4-bit: and #15 / ushr #4 of the two nibble planes;
-//    8-bit: the plane itself. Codes of <= 4 bits are < 128 and act as signed bytes directly;
-//    8-bit codes are eor'ed with 0x80 (code - 128) and the shift is folded into the zero term:
-//    sum (q - z) a = sum (q - 128) a - (z - 128) sum(a), all exact in int32.
+//    5-bit: those nibbles plus bit 4 from its masks as 3-bit's high bit (tbl, cmtst, ushr #3
+//    to 0x1f, then bsl / sri insert the nibble); 6-bit: the nibbles plus bits 4-5 from a
+//    2-bit plane (and #0x33 splits its 4 fields into two registers, sli / sri / bsl insert
+//    them); 8-bit: the plane itself. Codes of <= 6 bits are < 64 and act as signed bytes
+//    directly; 8-bit codes are eor'ed with 0x80 (code - 128) and the shift is folded into the
+//    zero term: sum (q - z) a = sum (q - 128) a - (z - 128) sum(a), all exact in int32.
 //  - Int8 path without sdot: the 4 activations of step s are replicated into every int32 lane
 //    (dup .s[s]); smull / smull2 with the code register give 16 int16 products (4 columns x 4
 //    k); addp folds k pairs to [c0 c0 c1 c1 c2 c2 c3 c3] and sadalp folds the rest into one
 //    int32x4 [c0 c1 c2 c3] -- the accumulator shape of sdot, so the per-block epilogue
 //    (scale * sa * (dot - zero * sum(a))) is shared with the dotprod table. |code - 128| * 127
 //    fits int16 twice; for codes <= 4 bits a whole super-block (4 steps) is accumulated with
-//    smlal before one addp + sadalp (4 * 2 * 15 * 127 < 2^15).
+//    smlal before one addp + sadalp (4 * 2 * 15 * 127 < 2^15), for 5/6-bit codes two steps
+//    (2 * 2 * 63 * 127 = 32004 < 2^15).
 //  - Float path: one tbl2 per 4 outputs, from the code register and a constant {0x00, 0x4b}
 //    register, transposes a 4 x 4 block to [k][column] order and widens it into the fp32 bit
 //    pattern of 2^23 + code; fsub of 2^23 + zero gives code - zero exactly, and fmla by element

@@ -12,7 +12,7 @@
 //    tile is 4 sdot per k4-step and row, into 4 int32x4 accumulators (4 columns each);
 //  - activations are loaded once per 16 k (one q-register per row) and never shuffled or
 //    replicated;
-//  - unpacked codes feed sdot straight from registers: 2/3/4-bit codes (< 128) as signed
+//  - unpacked codes feed sdot straight from registers: 2- to 6-bit codes (< 64) as signed
 //    bytes, 8-bit codes eor 0x80 with the -128 folded into the zero term (exact in int32);
 //  - decode (M <= 4): all rows share each unpacked quarter (up to 16 accumulators); one-row
 //    decode splits even/odd steps over two accumulators per quarter (8 independent sdot

@@ -8,7 +8,8 @@
 // For the same reason nothing here instantiates a standard-library template.
 //
 // Structure of a matmul call:
-//  - Native (TILE16, uniform grid; any zero points, scale type, hierarchical scales):
+//  - Native (TILE16, uniform grid, every width: 2-6 and 8 bits; any zero points, scale type,
+//    hierarchical scales):
 //    * at most kFusedRowsMax rows (decode): the packed super-blocks of a tile are streamed
 //      once and unpacked in registers, straight into the dot products (Fused*);
 //    * more rows (prefill): each (tile, k-block) is unpacked once into an L1 buffer (int8 in
@@ -193,6 +194,15 @@ struct HighIdxTable {
 };
 alignas(16) constexpr HighIdxTable kHighIdx;
 
+// One bit per lane from the uint64 masks of the 3-bit (bit 2) and 5-bit (bit 4) layouts: 0xff
+// in lane l where bit 16q + l of step s's mask is set. high[p] holds the masks of steps 2p and
+// 2p + 1. Lane l is bit l % 8 of byte 2q + l / 8: tbl broadcasts the 2 bytes over 8 lanes
+// each, cmtst against 1 << (l % 8) tests its bit.
+QX_INLINE uint8x16_t MaskBits(const uint8x16_t* high, int s, int q) {
+  const uint8x16_t bitsel = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull));
+  return vtstq_u8(vqtbl1q_u8(high[s >> 1], vld1q_u8(kHighIdx.v[s & 1][q])), bitsel);
+}
+
 template <>
 struct Tile16Reader<3> {  // 2-bit low plane as above + bit `lane` of uint64 s
   const uint8_t* sb;
@@ -203,14 +213,11 @@ struct Tile16Reader<3> {  // 2-bit low plane as above + bit `lane` of uint64 s
   }
   QX_INLINE void Quarter(int q, uint8x16_t* out) const {
     const uint8x16_t p = vld1q_u8(sb + 16 * q), m3 = vdupq_n_u8(3);
-    // byte l of the bit selector: 1 << (l % 8) (lane 16q + l is bit l % 8 of byte 2q + l / 8)
-    const uint8x16_t bitsel = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull));
     const uint8x16_t low[4] = {p, vshrq_n_u8(p, 2), vshrq_n_u8(p, 4), vshrq_n_u8(p, 6)};
     QX_UNROLL
     for (int s = 0; s < 4; ++s) {
-      const uint8x16_t bytes = vqtbl1q_u8(high[s >> 1], vld1q_u8(kHighIdx.v[s & 1][q]));
-      const uint8x16_t hi = vshrq_n_u8(vtstq_u8(bytes, bitsel), 5);  // 7 where the bit is set
-      out[s] = vbslq_u8(m3, low[s], hi);                             // low 2 bits | 4
+      const uint8x16_t hi = vshrq_n_u8(MaskBits(high, s, q), 5);  // 7 where the bit is set
+      out[s] = vbslq_u8(m3, low[s], hi);                          // low 2 bits | 4
     }
   }
 };
@@ -229,6 +236,51 @@ struct Tile16Reader<4> {  // plane h: steps 2h (low nibble) and 2h + 1 (high nib
   }
 };
 
+// 5 and 6 bits: bits 0-3 are the 4-bit layout above (bytes 0..127), bits 4 (5-bit) or 4-5
+// (6-bit) follow at byte 128. Each high part is merged with its nibble by one bit-insert
+// (bsl / sli / sri) that also does the nibble's own and #15 or ushr #4, so the 4-bit path's
+// 4 instructions per quarter become 16 (5-bit) or 8 (6-bit).
+template <>
+struct Tile16Reader<5> {  // nibble planes + bit 4 of step s as bit `lane` of uint64 s (3-bit's)
+  const uint8_t* sb;
+  uint8x16_t high[2];  // bit-4 masks of steps 0, 1 and of steps 2, 3
+  explicit Tile16Reader(const uint8_t* p) : sb(p) {
+    high[0] = vld1q_u8(p + 128);
+    high[1] = vld1q_u8(p + 144);
+  }
+  QX_INLINE void Quarter(int q, uint8x16_t* out) const {
+    const uint8x16_t p0 = vld1q_u8(sb + 16 * q), p1 = vld1q_u8(sb + 64 + 16 * q);
+    const uint8x16_t m15 = vdupq_n_u8(15);
+    // hi[s]: 0x1f where bit 4 is set, else 0. Its bits 5-7 are clear, so inserting the nibble
+    // into bits 0-3 leaves exactly the code.
+    uint8x16_t hi[4];
+    QX_UNROLL
+    for (int s = 0; s < 4; ++s) hi[s] = vshrq_n_u8(MaskBits(high, s, q), 3);
+    out[0] = vbslq_u8(m15, p0, hi[0]);  // (p0 & 15) | bit 4
+    out[1] = vsriq_n_u8(hi[1], p0, 4);  // (p0 >> 4) | bit 4
+    out[2] = vbslq_u8(m15, p1, hi[2]);
+    out[3] = vsriq_n_u8(hi[3], p1, 4);
+  }
+};
+
+template <>
+struct Tile16Reader<6> {  // nibble planes + bits 4-5 of step s in a 2-bit plane (2-bit's)
+  const uint8_t* sb;
+  explicit Tile16Reader(const uint8_t* p) : sb(p) {}
+  QX_INLINE void Quarter(int q, uint8x16_t* out) const {
+    const uint8x16_t p0 = vld1q_u8(sb + 16 * q), p1 = vld1q_u8(sb + 64 + 16 * q);
+    const uint8x16_t pl = vld1q_u8(sb + 128 + 16 * q);
+    const uint8x16_t m15 = vdupq_n_u8(15), m33 = vdupq_n_u8(0x33);
+    // even: pairs of steps 0 and 2 at bits 0-1 and 4-5; odd: those of steps 1 and 3. Bits 4-5
+    // are already in place for steps 2 and 3, and sli #4 drops the other pair for steps 0, 1.
+    const uint8x16_t even = vandq_u8(pl, m33), odd = vandq_u8(vshrq_n_u8(pl, 2), m33);
+    out[0] = vsliq_n_u8(p0, even, 4);                // (pair0 << 4) | (p0 & 15)
+    out[1] = vsliq_n_u8(vshrq_n_u8(p0, 4), odd, 4);  // (pair1 << 4) | (p0 >> 4)
+    out[2] = vbslq_u8(m15, p1, even);                // (p1 & 15) | (pair2 << 4)
+    out[3] = vsriq_n_u8(odd, p1, 4);                 // (p1 >> 4) | (pair3 << 4)
+  }
+};
+
 template <>
 struct Tile16Reader<8> {  // plane s: step s
   const uint8_t* sb;
@@ -239,7 +291,7 @@ struct Tile16Reader<8> {  // plane s: step s
   }
 };
 
-// Int8 path: codes as signed sdot operands. Codes of at most 4 bits are < 128 and used as they
+// Int8 path: codes as signed sdot operands. Codes of at most 6 bits are < 64 and used as they
 // are; 8-bit codes are shifted by -128 (eor 0x80), which the zero term absorbs:
 // sum (q - z) a = sum (q - 128) a - (z - 128) sum a.
 template <int kBits>
@@ -250,6 +302,11 @@ QX_INLINE int8x16_t ToS8(uint8x16_t u) {
   if (kBits == 8) return vreinterpretq_s8_u8(veorq_u8(u, vdupq_n_u8(0x80)));
   return vreinterpretq_s8_u8(u);
 }
+
+// k4-steps the smull route (NoDotProd) may sum in int16 before folding into int32, from the
+// largest |signed code|: 15 (<= 4 bits), 63 (5, 6 bits), 128 (8 bits, shifted).
+template <int kBits>
+constexpr int kFoldSteps = kBits <= 4 ? 4 : kBits <= 6 ? 2 : 1;
 
 // Float path: out[r] lane c = code(column c, k = r) - zero(c), exactly. One tbl per output both
 // transposes the 4 x 4 bytes to [k][column] order and widens them to int32 lanes (out-of-range
@@ -280,10 +337,11 @@ QX_INLINE void CodesToF32(uint8x16_t codes, float32x4_t zb, float32x4_t* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Int8 dot-product policies. SuperBlock<kSets, kSmall>(acc, w, a) adds to the accumulator of one
+// Int8 dot-product policies. SuperBlock<kSets, kFold>(acc, w, a) adds to the accumulator of one
 // quarter (lane c: column 4q + c) sum_{s, r < 4} w[s][4c + r] * a[4s + r], where w holds the 4
-// k4-steps of the quarter and a the 16 activations of the super-block. kSets = 2 sends odd steps
-// to acc[1] (two dependency chains for one-row decode). kSmall: |w| <= 15.
+// k4-steps of the quarter and a the 16 activations of the super-block. kSets = 2 spreads the
+// steps over acc[0] and acc[1] (two dependency chains for one-row decode). kFold (1, 2 or 4,
+// see kFoldSteps) bounds |w|: 128, 63 or 15.
 
 struct NoDotProd {
   static constexpr int kFusedRows = 2;  // rows per fused decode pass (register budget)
@@ -291,32 +349,30 @@ struct NoDotProd {
 
   // smull / smull2 of one step give int16 products [c0 x4, c1 x4] and [c2 x4, c3 x4]; addp folds
   // k pairs into [c0 c0 c1 c1 c2 c2 c3 c3] and sadalp the rest into int32 [c0 c1 c2 c3] -- the
-  // sdot accumulator shape. |product| <= 128 * 127, so a pair fits int16. Small codes
-  // (|w| <= 15): the 4 steps are summed with smlal first (4 * 2 * 15 * 127 < 2^15).
-  template <int kSets, bool kSmall>
+  // sdot accumulator shape. kFold steps are summed with smlal before each addp + sadalp, so an
+  // int16 lane after addp holds 2 * kFold products, |a| <= 127: 2 * 128 * 127 (8-bit codes, one
+  // step), 4 * 63 * 127 = 32004 (5/6-bit, two steps), 8 * 15 * 127 (<= 4 bits, all four): each
+  // < 2^15.
+  template <int kSets, int kFold>
   static QX_INLINE void SuperBlock(int32x4_t* acc, const int8x16_t* w, int8x16_t a) {
+    static_assert(kFold == 1 || kFold == 2 || kFold == 4, "steps per int16 fold");
     const int32x4_t a32 = vreinterpretq_s32_s8(a);
     int8x16_t rep[4];  // activations of step s in every int32 lane
     rep[0] = vreinterpretq_s8_s32(vdupq_laneq_s32(a32, 0));
     rep[1] = vreinterpretq_s8_s32(vdupq_laneq_s32(a32, 1));
     rep[2] = vreinterpretq_s8_s32(vdupq_laneq_s32(a32, 2));
     rep[3] = vreinterpretq_s8_s32(vdupq_laneq_s32(a32, 3));
-    if (kSmall) {
-      int16x8_t lo = vmull_s8(vget_low_s8(w[0]), vget_low_s8(rep[0]));
-      int16x8_t hi = vmull_high_s8(w[0], rep[0]);
+    QX_UNROLL
+    for (int s0 = 0; s0 < 4; s0 += kFold) {
+      int16x8_t lo = vmull_s8(vget_low_s8(w[s0]), vget_low_s8(rep[s0]));
+      int16x8_t hi = vmull_high_s8(w[s0], rep[s0]);
       QX_UNROLL
-      for (int s = 1; s < 4; ++s) {
+      for (int s = s0 + 1; s < s0 + kFold; ++s) {
         lo = vmlal_s8(lo, vget_low_s8(w[s]), vget_low_s8(rep[s]));
         hi = vmlal_high_s8(hi, w[s], rep[s]);
       }
-      acc[0] = vpadalq_s16(acc[0], vpaddq_s16(lo, hi));
-    } else {
-      QX_UNROLL
-      for (int s = 0; s < 4; ++s) {
-        const int16x8_t lo = vmull_s8(vget_low_s8(w[s]), vget_low_s8(rep[s]));
-        const int16x8_t hi = vmull_high_s8(w[s], rep[s]);
-        acc[s % kSets] = vpadalq_s16(acc[s % kSets], vpaddq_s16(lo, hi));
-      }
+      const int set = (s0 / kFold) % kSets;
+      acc[set] = vpadalq_s16(acc[set], vpaddq_s16(lo, hi));
     }
   }
 };
@@ -327,7 +383,7 @@ struct DotProd {
   static constexpr int kMicroRows = 4;
 
   // sdot by element: lane c += dot(w[s] bytes 4c..4c+3, a bytes 4s..4s+3).
-  template <int kSets, bool kSmall>
+  template <int kSets, int kFold>
   static QX_INLINE void SuperBlock(int32x4_t* acc, const int8x16_t* w, int8x16_t a) {
     acc[0] = vdotq_laneq_s32(acc[0], w[0], a, 0);
     acc[1 % kSets] = vdotq_laneq_s32(acc[1 % kSets], w[1], a, 1);
@@ -388,7 +444,8 @@ void FusedInt8Tile(const MatMulArgs& args, int64_t tile, int64_t m0) {
         QX_UNROLL
         for (int s = 0; s < 4; ++s) v[s] = ToS8<kBits>(u[s]);
         QX_UNROLL
-        for (int r = 0; r < MR; ++r) P::template SuperBlock<kSets, kBits <= 4>(acc[r][q], v, av[r]);
+        for (int r = 0; r < MR; ++r)
+          P::template SuperBlock<kSets, kFoldSteps<kBits>>(acc[r][q], v, av[r]);
       }
     }
     QX_UNROLL
@@ -597,7 +654,7 @@ struct Int8Block {
   int32x4_t zero[4];  // zero point minus the value offset
 };
 
-template <class P, int R, bool kSmall>
+template <class P, int R, int kFold>
 void MicroInt8(const Int8Block& blk, const MatMulArgs& args, int64_t m0, int64_t bi,
                const int8_t* a, float* acc) {
   int32x4_t c[R][4][1] = {};
@@ -612,7 +669,7 @@ void MicroInt8(const Int8Block& blk, const MatMulArgs& args, int64_t m0, int64_t
       QX_UNROLL
       for (int s = 0; s < 4; ++s) v[s] = vld1q_s8(wk + 64 * s + 16 * q);
       QX_UNROLL
-      for (int r = 0; r < R; ++r) P::template SuperBlock<1, kSmall>(c[r][q], v, av[r]);
+      for (int r = 0; r < R; ++r) P::template SuperBlock<1, kFold>(c[r][q], v, av[r]);
     }
   }
   QX_UNROLL
@@ -623,22 +680,22 @@ void MicroInt8(const Int8Block& blk, const MatMulArgs& args, int64_t m0, int64_t
   }
 }
 
-template <class P, bool kSmall>
+template <class P, int kFold>
 void MicroInt8Rows(const Int8Block& blk, const MatMulArgs& args, int64_t m0, int64_t rows,
                    int64_t bi, const int8_t* a, float* acc) {
   constexpr int kR = P::kMicroRows;
   static_assert(kR == 2 || kR == 4, "row blocking of the int8 micro-kernel");
   int64_t r = 0;
   for (; r + kR <= rows; r += kR)
-    MicroInt8<P, kR, kSmall>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
+    MicroInt8<P, kR, kFold>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
   const int64_t rest = rows - r;
   if constexpr (kR == 4) {
     if (rest == 3)
-      MicroInt8<P, 3, kSmall>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
+      MicroInt8<P, 3, kFold>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
     if (rest == 2)
-      MicroInt8<P, 2, kSmall>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
+      MicroInt8<P, 2, kFold>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
   }
-  if (rest == 1) MicroInt8<P, 1, kSmall>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
+  if (rest == 1) MicroInt8<P, 1, kFold>(blk, args, m0 + r, bi, a + r * args.lda, acc + r * kTileN);
 }
 
 inline void MicroFloatRows(const float* wf, int64_t L, const float* a, int64_t lda, int64_t rows,
@@ -665,9 +722,9 @@ template <class P, int kBits>
 void Buffered(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_t r1) {
   const WeightView& w = *args.w;
   const bool int8 = args.path == ComputePath::kInt8;
-  // Portable int8 values are unsigned: uniform codes of <= 4 bits stay as they are, others
-  // (8-bit codes, codebook values + 128) are shifted by -128.
-  const bool portable_small = !w.codebook && w.fmt.bits <= 4;
+  // Portable int8 values are unsigned: uniform codes of <= 6 bits stay as they are (fold as
+  // the native codes), others (8-bit codes, codebook values + 128) are shifted by -128.
+  const int portable_fold = w.codebook ? 1 : w.fmt.bits <= 4 ? 4 : w.fmt.bits <= 6 ? 2 : 1;
   alignas(64) float acc[kChunkRows * kTileN];
   alignas(64) float wf[kActBlockMax * kTileN];
   alignas(64) int8_t wi[kActBlockMax * kTileN];
@@ -696,7 +753,7 @@ void Buffered(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_
         Int8Block blk;
         blk.w = wi;
         blk.length = b.length;
-        bool small;
+        int fold;
         if constexpr (kBits != 0) {
           UnpackInt8Block<kBits>(w, t, b, wi);
           QX_UNROLL
@@ -704,18 +761,19 @@ void Buffered(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_
             blk.scale[q] = gp.scale[q];
             blk.zero[q] = vsubq_s32(gp.zero[q], vdupq_n_s32(kCodeOffset<kBits>));
           }
-          small = kBits <= 4;
+          fold = kFoldSteps<kBits>;
         } else {
           alignas(16) float scale[kTileN], zero[kTileN];
           uint8_t* wu = reinterpret_cast<uint8_t*>(wi);
           UnpackTileU8(w, t, b, wu, scale, zero);
-          small = portable_small;
-          if (!small) {
+          fold = portable_fold;
+          const bool shift = fold == 1;
+          if (shift) {
             const uint8x16_t flip = vdupq_n_u8(0x80);
             for (int64_t i = 0; i < b.length * kTileN; i += 16)
               vst1q_u8(wu + i, veorq_u8(vld1q_u8(wu + i), flip));
           }
-          const float32x4_t off = vdupq_n_f32(small ? 0.0f : 128.0f);
+          const float32x4_t off = vdupq_n_f32(shift ? 128.0f : 0.0f);
           QX_UNROLL
           for (int q = 0; q < 4; ++q) {
             blk.scale[q] = vld1q_f32(scale + 4 * q);
@@ -723,10 +781,12 @@ void Buffered(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_
           }
         }
         const int8_t* a = args.a_i8 + m0 * args.lda + b.offset;
-        if (small)
-          MicroInt8Rows<P, true>(blk, args, m0, rows, bi, a, acc);
+        if (fold == 4)
+          MicroInt8Rows<P, 4>(blk, args, m0, rows, bi, a, acc);
+        else if (fold == 2)
+          MicroInt8Rows<P, 2>(blk, args, m0, rows, bi, a, acc);
         else
-          MicroInt8Rows<P, false>(blk, args, m0, rows, bi, a, acc);
+          MicroInt8Rows<P, 1>(blk, args, m0, rows, bi, a, acc);
       }
       for (int64_t r = 0; r < rows; ++r) StoreRow(args, m0 + r, t, acc + r * kTileN);
     }
@@ -736,6 +796,7 @@ void Buffered(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_
 // ---------------------------------------------------------------------------------------------
 // Table entries
 
+// Every uniform-grid TILE16 weight is native: bits 2, 3, 4, 5, 6 and 8 (7 is not a format).
 inline bool IsNative(const WeightView& w, ComputePath) {
   return w.fmt.layout == Layout::kTile16 && !w.codebook;
 }
@@ -756,6 +817,12 @@ void MatMul(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_t 
       case 4:
         Fused<P, 4>(args, t0, t1, r0, r1);
         return;
+      case 5:
+        Fused<P, 5>(args, t0, t1, r0, r1);
+        return;
+      case 6:
+        Fused<P, 6>(args, t0, t1, r0, r1);
+        return;
       default:
         Fused<P, 8>(args, t0, t1, r0, r1);
         return;
@@ -770,6 +837,12 @@ void MatMul(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t r0, int64_t 
       return;
     case 4:
       Buffered<P, 4>(args, t0, t1, r0, r1);
+      return;
+    case 5:
+      Buffered<P, 5>(args, t0, t1, r0, r1);
+      return;
+    case 6:
+      Buffered<P, 6>(args, t0, t1, r0, r1);
       return;
     case 8:
       Buffered<P, 8>(args, t0, t1, r0, r1);
