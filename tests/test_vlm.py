@@ -327,7 +327,7 @@ def test_a_folder_missing_a_graph_is_named(llava, tmp_path):
 
 def test_bad_component_specs_and_mismatched_images_are_refused(llava, tmp_path):
     _, out, _ = llava
-    for spec in ("audio=4", "vision=5", "vision"):
+    for spec in ("audio=4", "vision=7", "vision"):
         with pytest.raises(InputError, match="--component"):
             optimize(out, tmp_path / "q", QuantConfig(components=(spec,)))
     with pytest.raises(InputError, match="does not write its own calibration text"):
