@@ -3,7 +3,8 @@ sensitivity (:mod:`.calibration.sensitivity`) says costs the model least under t
 (:mod:`.allocate`).
 
 Candidates per matrix are the run's own grid (group size, scale format) at 2, 3, 4 and 8 bits
-(never below ``--bits - 1``); embedding tables (and the tied lm_head) also keep their
+(never below ``--bits - 1``; explicit budgets also 5 and 6 bits and other grids, see
+:func:`search_recipes`); embedding tables (and the tied lm_head) also keep their
 dedicated recipe (4-bit, fp16 scales per 32). Each candidate is priced by its exact stored
 bytes and its estimated loss increase, 1/2 tr(dW^T F dW) per token, with dW the error of an
 importance-weighted clip-search rounding (the final GPTQ pass lowers every candidate's error
