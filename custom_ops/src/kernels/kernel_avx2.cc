@@ -1192,11 +1192,9 @@ void MatMulBits(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, int6
   }
 }
 
-// Widths with a native TILE16 unpacker here (UnpackStep).
-bool HasNativeBits(int bits) { return bits <= 6 || bits == 8; }
-
+// Every uniform-grid TILE16 weight is native (UnpackStep): bits 2, 3, 4, 5, 6 and 8.
 bool IsNative(const WeightView& w, ComputePath) {
-  return w.fmt.layout == Layout::kTile16 && !w.codebook && HasNativeBits(w.fmt.bits);
+  return w.fmt.layout == Layout::kTile16 && !w.codebook;
 }
 
 void MatMulAvx2(const MatMulArgs& args, int64_t tile_begin, int64_t tile_end, int64_t row_begin,
