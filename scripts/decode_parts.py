@@ -32,10 +32,11 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from quantx_onnx.bench.decode import prompt_ids
+from quantx_onnx.bench.profile import QUANTX_OPS
 from quantx_onnx.llm import DecoderSession
 from quantx_onnx.runtime import session_options
 
-MATMUL_OPS = ("QxMatMul", "QxMultiMatMul")
+MATMUL_OPS = tuple(op for op in QUANTX_OPS if op != "QxGather")
 # GroupQueryAttention inputs by position (com.microsoft spec) besides q/k/v (0-2) and the
 # cache (3-4); the last is the query lengths input of newer onnxruntime versions
 GQA_SEQLENS_K, GQA_TOTAL, GQA_COS, GQA_SIN, GQA_POSITIONS, GQA_BIAS = 5, 6, 7, 8, 9, 10
@@ -82,13 +83,12 @@ def attention_graph(model, head_dim: int, depth: int, capacity: int):
     """The model's GroupQueryAttention nodes with one token's inputs after `depth` positions.
     Returns (model, feeds, {past input: (buffer, present output)}, node count): each layer's
     past and present are to be bound to that one buffer."""
-    nodes, outputs, buffers = [], [], {}
+    nodes, outputs, presents = [], [], {}  # presents: past input -> its present output
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     if not gqa:
         raise SystemExit("no GroupQueryAttention nodes: optimize fuses attention by default")
     heads, kv_heads = _attr(gqa[0], "num_heads"), _attr(gqa[0], "kv_num_heads")
     inits = {i.name for i in model.graph.initializer}
-    shared = {}  # past input name -> its buffer
     for i, n in enumerate(gqa):
         c = onnx.NodeProto()
         c.CopyFrom(n)
@@ -99,7 +99,7 @@ def attention_graph(model, head_dim: int, depth: int, capacity: int):
                 c.input[j] = "qkv"[j]
             elif j in (3, 4):
                 c.input[j] = f"past{i}_{j}"
-                buffers[c.input[j]] = c.output[j - 2] = f"present{i}_{j}"
+                presents[c.input[j]] = c.output[j - 2] = f"present{i}_{j}"
             else:
                 c.input[j] = f"in{j}"
         c.output[0] = f"out{i}"
@@ -121,32 +121,27 @@ def attention_graph(model, head_dim: int, depth: int, capacity: int):
         f"in{GQA_SIN}": rng.uniform(-1, 1, (capacity, head_dim // 2)).astype(np.float32),
         f"in{GQA_QUERY_LENS}": np.array([1], np.int32),
     }
-    inputs = []
+    inputs, feeds, pairs = [], {}, {}
     for name in dict.fromkeys(x for c in nodes for x in c.input if x and x not in inits):
-        if name.startswith("past"):
-            shared[name] = np.zeros((1, kv_heads, capacity, head_dim), np.float32)
-            value = shared[name]
+        if name in presents:
+            value = np.zeros((1, kv_heads, capacity, head_dim), np.float32)
+            pairs[name] = (value, presents[name])
+            shape = [1, kv_heads, "c", head_dim]
         elif name in values:
-            value = values[name]
+            value = feeds[name] = values[name]
+            shape = list(value.shape)
         else:
             raise SystemExit(f"GroupQueryAttention input {name!r}: not wired by this script")
         dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
-        shape = ["c" if name.startswith("past") else d for d in value.shape]
         inputs.append(helper.make_tensor_value_info(name, dtype, shape))
-        values[name] = value
-    feeds = {x.name: values[x.name] for x in inputs if not x.name.startswith("past")}
-    pairs = {p: (shared[p], buffers[p]) for p in shared}
     return _subgraph(model, nodes, inputs, outputs), feeds, pairs, len(nodes)
 
 
-def timed(fn, rounds: int, reps: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        out.append((time.perf_counter() - t) / reps * 1e3)
-    return out
+def ms_per_call(fn, reps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
 
 
 def main(argv=None) -> int:
@@ -160,16 +155,16 @@ def main(argv=None) -> int:
     path = args.model / "model.onnx" if args.model.is_dir() else args.model
     model = onnx.load(path)
     so = session_options(threads=args.threads)
+    cpu = ["CPUExecutionProvider"]
 
     mm_model, mm_feeds, n_mm = matmul_graph(model)
-    mm = ort.InferenceSession(mm_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    mm = ort.InferenceSession(mm_model.SerializeToString(), so, providers=cpu)
 
     config = json.loads((path.parent / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     att_model, att_feeds, pairs, n_att = attention_graph(
         model, head_dim, args.depth, 2 * args.depth + 64
     )
-    cpu = ["CPUExecutionProvider"]
     att = ort.InferenceSession(att_model.SerializeToString(), so, providers=cpu)
     binding = att.io_binding()
     for past, (buffer, present) in pairs.items():
@@ -203,7 +198,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in parts}
     for _ in range(args.rounds):  # alternating, so drift hits every part alike
         for name, fn in parts.items():
-            times[name] += timed(fn, 1, args.reps)
+            times[name].append(ms_per_call(fn, args.reps))
     med = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"{path} at depth {args.depth}, {args.threads} threads, median of {args.rounds} "
