@@ -432,6 +432,7 @@ def _index(graph: ir.Graph, node: ir.Node) -> int:
 class AttentionReport:
     fused: list[int] = dataclasses.field(default_factory=list)
     skipped: dict[int, str] = dataclasses.field(default_factory=dict)
+    op: str = "GroupQueryAttention"  # QxGroupQueryAttention once saved for a native target
 
 
 def fuse_attention(model: ir.Model, folder: Path | None = None) -> AttentionReport:

@@ -281,6 +281,12 @@ def _add_optimize(sub):
         help="keep the exported attention ops (default: one GroupQueryAttention per layer)",
     )
     p.add_argument(
+        "--ort-attention",
+        action="store_true",
+        help="keep ONNX Runtime's GroupQueryAttention for the fused attention (default: "
+        "QxGroupQueryAttention, which decodes with QuantX's kernel and hands the rest to it)",
+    )
+    p.add_argument(
         "--portable",
         action="store_true",
         help="write the model for stock ONNX Runtime (no QuantX library): MatMulNBits where "
@@ -314,6 +320,7 @@ def optimize_config(args):
         embeddings=not args.no_embeddings,
         embedding_bits=args.embedding_bits,
         fuse_attention=not args.no_fuse_attention,
+        qx_attention=not args.ort_attention,
         method=args.method,
         calib=args.calib_text,
         calib_samples=args.calib_samples,
@@ -409,7 +416,7 @@ def _optimize_summary(report) -> str:
         lines.append("  skipped: none")
     att = report.attention
     if att.fused or att.skipped:
-        lines.append(f"  attention: {len(att.fused)} layers fused into GroupQueryAttention")
+        lines.append(f"  attention: {len(att.fused)} layers fused into {att.op}")
         for layer, why in sorted(att.skipped.items()):
             lines.append(f"    layer {layer} kept as exported: {why}")
     if report.multi_matmuls:

@@ -66,6 +66,8 @@ class QuantConfig:
     embedding_bits: int | None = None
     embedding_group_size: int = 32
     fuse_attention: bool = True  # decoder attention -> com.microsoft GroupQueryAttention
+    # ... saved as com.quantx QxGroupQueryAttention (QuantX's decode kernel) unless --portable
+    qx_attention: bool = True
     scale_dtype: str = "float16"
     # calibration
     calib: str | None = None  # text file, gensim:* corpus, .npy/.npz token ids, or "self"

@@ -16,8 +16,9 @@
   ``tokenizer_config.json``; an empty one is written where the export has none.
 
 ``past_present_share_buffer`` (genai keeps one KV buffer of ``max_length`` positions) is on
-only when every layer's attention is a GroupQueryAttention node, which reads the valid length
-from the attention mask; the export's own Concat attention needs separate past and present.
+only when every layer's attention is a GroupQueryAttention node (or QuantX's
+QxGroupQueryAttention), which reads the valid length from the attention mask; the export's own
+Concat attention needs separate past and present.
 """
 
 from __future__ import annotations

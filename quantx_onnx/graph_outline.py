@@ -45,15 +45,22 @@ def outline_of(model: ir.Model) -> GraphOutline:
     return GraphOutline(tuple(nodes), tuple(v.name for v in graph.outputs))
 
 
+# The attention ops that read the valid length from the mask and append in place.
+_IN_PLACE_ATTENTION = {
+    ("com.microsoft", "GroupQueryAttention"),
+    ("com.quantx", "QxGroupQueryAttention"),  # GroupQueryAttention's contract
+}
+
+
 def appends_kv_in_place(graph: GraphOutline) -> bool:
-    """Every present output comes straight from a GroupQueryAttention node, which can append
-    to a past buffer in place: onnxruntime-genai's past_present_share_buffer, and
-    ``llm.KVCache``'s shared cache."""
+    """Every present output comes straight from a GroupQueryAttention node (or QuantX's, with
+    its contract), which can append to a past buffer in place: onnxruntime-genai's
+    past_present_share_buffer, and ``llm.KVCache``'s shared cache."""
     presents = {name for name in graph.outputs if name.startswith("present.")}
     written = {
         out
         for node in graph.nodes
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+        if (node.domain, node.op_type) in _IN_PLACE_ATTENTION
         for out in node.outputs[1:3]
     }
     return bool(presents) and presents <= written

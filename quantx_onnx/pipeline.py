@@ -29,6 +29,8 @@ from .passes.attention_rule import AttentionReport, fuse_attention
 from .passes.logits_rule import add_logits_to_keep
 from .passes.multi_matmul_rule import fuse_multi_matmuls
 from .passes.quantize_linear import DEFAULT_RULES, SpillFile, find_matches, in_memory
+from .passes.qx_attention_rule import OP_QX as OP_QX_ATTENTION
+from .passes.qx_attention_rule import use_qx_attention
 from .recipes import (
     Recipe,
     recipe_for,
@@ -90,6 +92,7 @@ class OptimizeReport:
             "end_to_end": self.tuning,
             "portable": self.portable,
             "attention_fused_layers": self.attention.fused,
+            "attention_op": self.attention.op if self.attention.fused else None,
             "multi_matmul_nodes": self.multi_matmuls,
             "genai": self.genai.to_json() if self.genai else None,
             "skipped": [dataclasses.asdict(n) for n in self.linear.skipped],
@@ -652,8 +655,10 @@ def optimize(
             from .portable import to_portable
 
             portable = dataclasses.asdict(to_portable(ir_model))
-        else:  # q/k/v and gate/up: one node each
+        else:  # q/k/v and gate/up: one node each; QuantX's attention kernel
             fused_matmuls = fuse_multi_matmuls(ir_model)
+            if config.qx_attention and use_qx_attention(ir_model):
+                attention.op = OP_QX_ATTENTION
         with model_io.staged_output(out_model) as stage:
             staged = stage / out_model.name
             model_io.save_model(ir_model, staged, external=source.uses_external_data or None)

@@ -56,6 +56,7 @@ from .format import (
 from .genai import CONFIG_NAME as GENAI_CONFIG
 from .genai import write_genai_config
 from .passes.multi_matmul_rule import split_multi_matmuls
+from .passes.qx_attention_rule import restore_attention
 from .reference import node_weight
 from .runtime import _LIB_NAME
 
@@ -549,6 +550,7 @@ def to_portable(model: ir.Model, *, accuracy_level: int | None = None) -> Portab
     if opset < 13:
         raise InputError(f"portable form needs ONNX opset >= 13 (the model has {opset})")
     split_multi_matmuls(model)  # each weight converts on its own
+    restore_attention(model)  # stock ONNX Runtime's GroupQueryAttention
     b = _Builder(graph, opset)
     functions = _Functions(model, opset, b)
     report = PortableReport()

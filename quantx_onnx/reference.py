@@ -147,8 +147,10 @@ def dequantized_model(model: ir.Model) -> ir.Model:
     """Replace every QuantX node of ``model`` (in place) by float MatMul/Gather nodes over the
     dequantized weights; returns the model."""
     from .passes.multi_matmul_rule import split_multi_matmuls
+    from .passes.qx_attention_rule import restore_attention
 
     split_multi_matmuls(model)
+    restore_attention(model)  # ONNX Runtime's own attention: no QuantX kernel in the reference
     graph = model.graph
     cache: dict[tuple, ir.Value] = {}
     for node in list(graph):

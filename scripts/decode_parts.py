@@ -9,9 +9,10 @@ Three timings, each the median of alternating rounds in one process:
   shared KV buffers, as `bench decode` and generation run it);
 - quantx: a graph of the model's own QxMatMul / QxMultiMatMul nodes alone (the same weights,
   in the same order, each fed a random row of its width): the matmuls of one token;
-- attention: a graph of its GroupQueryAttention nodes alone (the same attributes and input
-  wiring; q, k, v and the rotary caches random; each layer's past and present bound to one
-  shared buffer holding `depth` positions).
+- attention: a graph of its attention nodes alone (GroupQueryAttention or QuantX's
+  QxGroupQueryAttention, as the model has them: the same attributes and input wiring; q, k, v
+  and the rotary caches random; each layer's past and present bound to one shared buffer
+  holding `depth` positions).
 
 What is left (step - quantx - attention) is the element-wise nodes (norms, adds, gating), ONNX
 Runtime's executor and the Python around the step.
@@ -41,6 +42,7 @@ MATMUL_OPS = tuple(op for op in QUANTX_OPS if op != "QxGather")
 # cache (3-4); the last is the query lengths input of newer onnxruntime versions
 GQA_SEQLENS_K, GQA_TOTAL, GQA_COS, GQA_SIN, GQA_POSITIONS, GQA_BIAS = 5, 6, 7, 8, 9, 10
 GQA_QUERY_LENS = 16
+ATTENTION_OPS = ("GroupQueryAttention", "QxGroupQueryAttention")
 
 
 def _attr(node, name):
@@ -80,11 +82,11 @@ def matmul_graph(model):
 
 
 def attention_graph(model, head_dim: int, depth: int, capacity: int):
-    """The model's GroupQueryAttention nodes with one token's inputs after `depth` positions.
-    Returns (model, feeds, {past input: (buffer, present output)}, node count): each layer's
+    """The model's attention nodes with one token's inputs after `depth` positions. Returns
+    (model, feeds, {past input: (buffer, present output)}, node count, op type): each layer's
     past and present are to be bound to that one buffer."""
     nodes, outputs, presents = [], [], {}  # presents: past input -> its present output
-    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    gqa = [n for n in model.graph.node if n.op_type in ATTENTION_OPS]
     if not gqa:
         raise SystemExit("no GroupQueryAttention nodes: optimize fuses attention by default")
     heads, kv_heads = _attr(gqa[0], "num_heads"), _attr(gqa[0], "kv_num_heads")
@@ -134,7 +136,7 @@ def attention_graph(model, head_dim: int, depth: int, capacity: int):
             raise SystemExit(f"GroupQueryAttention input {name!r}: not wired by this script")
         dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
         inputs.append(helper.make_tensor_value_info(name, dtype, shape))
-    return _subgraph(model, nodes, inputs, outputs), feeds, pairs, len(nodes)
+    return _subgraph(model, nodes, inputs, outputs), feeds, pairs, len(nodes), gqa[0].op_type
 
 
 def ms_per_call(fn, reps: int) -> float:
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
 
     config = json.loads((path.parent / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    att_model, att_feeds, pairs, n_att = attention_graph(
+    att_model, att_feeds, pairs, n_att, att_op = attention_graph(
         model, head_dim, args.depth, 2 * args.depth + 64
     )
     att = ort.InferenceSession(att_model.SerializeToString(), so, providers=cpu)
@@ -207,15 +209,15 @@ def main(argv=None) -> int:
     rows = [
         ("whole step", "step", ""),
         ("QuantX matmul nodes", "quantx", f"{n_mm} nodes"),
-        ("GroupQueryAttention nodes", "attention", f"{n_att} nodes"),
+        (f"{att_op} nodes", "attention", f"{n_att} nodes"),
     ]
     for label, key, note in rows:
         ms, lo, hi = med[key], min(times[key]), max(times[key])
         share = 100 * ms / med["step"]
-        print(f"  {label:26s} {ms:7.3f} {share:5.1f}%  ({lo:.3f}-{hi:.3f})  {note}")
+        print(f"  {label:28s} {ms:7.3f} {share:5.1f}%  ({lo:.3f}-{hi:.3f})  {note}")
     rest = med["step"] - med["quantx"] - med["attention"]
     share = 100 * rest / med["step"]
-    print(f"  {'the rest':26s} {rest:7.3f} {share:5.1f}%  element-wise nodes, executor, Python")
+    print(f"  {'the rest':28s} {rest:7.3f} {share:5.1f}%  element-wise nodes, executor, Python")
     return 0
 
 

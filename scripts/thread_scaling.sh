@@ -124,7 +124,7 @@ why = runtime_problem()
 if why:
     m = onnx.load(sys.argv[1])
     for n in m.graph.node:
-        if n.op_type == "GroupQueryAttention" and len(n.input) > 11:
+        if n.op_type in ("GroupQueryAttention", "QxGroupQueryAttention") and len(n.input) > 11:
             kept = list(n.input)[:11]
             del n.input[:]
             n.input.extend(kept)

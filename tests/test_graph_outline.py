@@ -24,7 +24,7 @@ def test_outline_equals_onnx_load(tiny_llama, tmp_path):
         assert [(n.op_type, n.domain, n.outputs) for n in got.nodes] == nodes
         assert got.outputs == outputs
     ops = {n.op_type for n in read_graph_outline(tmp_path / "q" / "model.onnx").nodes}
-    assert {"GroupQueryAttention", "QxMultiMatMul", "QxGather"} <= ops
+    assert {"QxGroupQueryAttention", "QxMultiMatMul", "QxGather"} <= ops
 
 
 def test_outline_of_a_model_in_memory_and_kv_appends(tiny_llama, tmp_path):

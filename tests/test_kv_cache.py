@@ -1,6 +1,8 @@
 """llm.KVCache: a fused decoder's cache shared between past and present (GroupQueryAttention
 appends in place) gives the copied cache's logits and cache bit for bit, through growth,
-batches and multi-token steps after decoding; exports without the fused attention copy."""
+batches and multi-token steps after decoding; exports without the fused attention copy. With
+QuantX's attention op (the default) the shared steps run its decode kernel: the same to float
+rounding."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from quantx_onnx.llm import DecoderSession
 
 @pytest.fixture(scope="module")
 def fused(tiny_llama, tmp_path_factory):
+    """ONNX Runtime's GroupQueryAttention on both paths: the cache mechanics bit for bit."""
     out = tmp_path_factory.mktemp("kv") / "q"
-    optimize(tiny_llama, out, QuantConfig(data_free=True, bits=4))
+    optimize(tiny_llama, out, QuantConfig(data_free=True, bits=4, qx_attention=False))
     return out
 
 
@@ -53,6 +56,25 @@ def test_shared_cache_equals_copied_cache(fused, rng, batch):
     for g, w in zip(got_cache, want_cache):
         assert g.shape == w.shape == (batch, shared.cache.heads, 22, shared.cache.head_dim)
         assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_quantx_attention_decodes_as_the_copied_cache(tiny_llama, tmp_path, rng, batch):
+    """The default model (QxGroupQueryAttention): shared one-token steps run QuantX's kernel,
+    prompts, chunks and copied steps ONNX Runtime's; the two walks agree to float rounding."""
+    optimize(tiny_llama, tmp_path / "q", QuantConfig(data_free=True, bits=4))
+    shared = DecoderSession(tmp_path / "q", threads=1)
+    copied = DecoderSession(tmp_path / "q", threads=1, share_kv=False)
+    assert shared.shares_kv
+    ids = rng.integers(0, 320, (batch, 5))
+    got, got_cache = _walk(shared, ids, 12, capacity=8)
+    want, want_cache = _walk(copied, ids, 12)
+    assert np.array_equal(got[0], want[0])  # the prompt: ONNX Runtime's op on both
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+    assert not all(np.array_equal(g, w) for g, w in zip(got, want))  # the kernel did run
+    for g, w in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
 
 
 def test_logits_of_earlier_steps_stay_as_returned(fused, rng):
@@ -104,7 +126,7 @@ def test_empty_cache_of_another_batch_takes_the_steps_batch(fused, rng):
 def test_a_cache_moves_between_sessions(fused, tiny_llama, tmp_path, rng):
     """Each session binds the buffers itself: a cache stepped in turn by the sessions of two
     models (4-bit and 3-bit weights) gives the copied caches' logits of the same turns."""
-    optimize(tiny_llama, tmp_path / "q3", QuantConfig(data_free=True, bits=3))
+    optimize(tiny_llama, tmp_path / "q3", QuantConfig(data_free=True, bits=3, qx_attention=False))
 
     def turns(share: bool):
         a = DecoderSession(fused, threads=1, share_kv=share)

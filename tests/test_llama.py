@@ -57,11 +57,14 @@ def test_every_projection_and_the_tied_lm_head_are_rewritten(q3_float):
     assert {"quantx.rotary.cos_cache", "quantx.rotary.sin_cache"} <= {
         o for n in model.graph.node for o in n.output
     }
-    # attention became one GroupQueryAttention per layer: no float MatMul is left but the
-    # rotary caches' outer product (positions x inverse frequencies, no weight)
+    # attention became one GroupQueryAttention per layer, saved as QuantX's (its decode
+    # kernel): no float MatMul is left but the rotary caches' outer product (positions x
+    # inverse frequencies, no weight)
     float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     assert all(n.startswith("quantx/rotary/") for n in float_matmuls), float_matmuls
-    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2
+    attention = [(n.domain, n.op_type) for n in model.graph.node if "Attention" in n.op_type]
+    assert attention == [("com.quantx", "QxGroupQueryAttention")] * 2
+    assert report.attention.op == "QxGroupQueryAttention"
     assert not report.linear.skipped
     onnx.checker.check_model(model)
     # output shapes stay declared
@@ -145,6 +148,20 @@ def test_attention_fusion_is_exact_through_the_kv_cache(tiny_llama, tmp_path):
         (tmp_path / name).write_bytes((tiny_llama / name).read_bytes())
     for got, want in zip(_decode_logits(tmp_path), _decode_logits(tiny_llama)):
         assert rel_err(got, want) < 1e-5
+
+
+def test_ort_attention_keeps_onnxruntimes_op(tiny_llama, tmp_path):
+    """--ort-attention: the fused attention stays com.microsoft GroupQueryAttention."""
+    from quantx_onnx.cli import build_parser, optimize_config
+
+    args = build_parser().parse_args(["optimize", "m.onnx", "--ort-attention"])
+    config = optimize_config(args)
+    assert not config.qx_attention and config.fuse_attention
+    report = _optimize(tiny_llama, tmp_path, bits=4, data_free=True, qx_attention=False)
+    assert report.attention.op == "GroupQueryAttention" and report.attention.fused == [0, 1]
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert ("com.microsoft", "GroupQueryAttention") in ops
+    assert ("com.quantx", "QxGroupQueryAttention") not in ops
 
 
 def test_optimize_without_attention_fusion_keeps_the_export(tiny_llama, tmp_path):

@@ -75,7 +75,7 @@ def case(tiny_llama, tmp_path_factory):
     sess = quantx_session(model)
     ops = {(n.domain, n.op_type) for n in onnx.load(str(model)).graph.node}
     # the ARM64 run needs the aarch64 onnxruntime's contrib ops too
-    assert {("com.quantx", "QxMatMul"), ("com.microsoft", "GroupQueryAttention")} <= ops, ops
+    assert {("com.quantx", "QxMatMul"), ("com.quantx", "QxGroupQueryAttention")} <= ops, ops
     feeds = llm_feeds(sess, seq=7)
     write_qxt(tmp / "inputs.qxt", feeds)
     names = [o.name for o in sess.get_outputs()]

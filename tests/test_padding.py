@@ -116,7 +116,7 @@ def _padded_batch(session, side, steps):
 def test_padded_rows_equal_unpadded_single_rows(variants, variant, side):
     session = quantx_session(variants[variant] / "model.onnx", threads=1)
     ops = [n.op_type for n in onnx.load(str(variants[variant] / "model.onnx")).graph.node]
-    assert ops.count("GroupQueryAttention") == 2
+    assert sum(op.endswith("GroupQueryAttention") for op in ops) == 2  # ORT's, then QuantX's
     steps = ([3], [150, 61], [8])  # decode steps of one and of two tokens through the cache
     batch = _padded_batch(session, side, steps)
     for b, prompt in enumerate(PROMPTS):

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -704,6 +705,105 @@ bool CheckTableHadamard(const KernelTable* kt, std::mt19937& rng, std::string* w
   return true;
 }
 
+// attend_decode against the definition in double precision: rotate-half rotary on the new key
+// and the queries, the append at position length - 1, softmax over the scores plus bias (some
+// positions masked with the lowest float), the weighted sum of values. Head widths with and
+// without the kernel's register-held outputs, caches longer than the valid length, no rotary.
+bool CheckDecodeAttention(const KernelTable* kt, std::mt19937& rng, std::string* why) {
+  if (!kt->attend_decode) return true;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  struct Shape {
+    int64_t dim, group, length, capacity;
+    bool rotary, bias;
+  };
+  const Shape shapes[] = {{64, 3, 1, 4, true, false},     {64, 3, 161, 200, true, true},
+                          {128, 1, 37, 37, true, true},   {32, 4, 9, 16, false, true},
+                          {48, 2, 70, 80, true, false},   {20, 3, 13, 13, true, true},
+                          {64, 3, 1000, 1024, true, true}};
+  for (const Shape& sh : shapes) {
+    const int64_t D = sh.dim, G = sh.group, T = sh.length, C = sh.capacity, half = D / 2;
+    std::vector<float> q(G * D), k_new(D), v_new(D), kc(C * D), vc(C * D), cos(half), sin(half);
+    std::vector<float> bias(T), out(G * D), scratch(G * (T + D));
+    for (auto* v : {&q, &k_new, &v_new, &kc, &vc})
+      for (auto& x : *v) x = normal(rng);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = 3.0f * unit(rng);
+      cos[i] = std::cos(angle);
+      sin[i] = std::sin(angle);
+    }
+    for (auto& b : bias) b = rng() % 4 == 0 ? std::numeric_limits<float>::lowest() : unit(rng);
+    bias[T - 1] = 0.0f;
+    const std::vector<float> kc0 = kc, vc0 = vc;
+    DecodeAttentionArgs a;
+    a.head_dim = D;
+    a.group = G;
+    a.length = T;
+    a.q = q.data();
+    a.k_new = k_new.data();
+    a.v_new = v_new.data();
+    a.k_cache = kc.data();
+    a.v_cache = vc.data();
+    a.cos = sh.rotary ? cos.data() : nullptr;
+    a.sin = sh.rotary ? sin.data() : nullptr;
+    a.bias = sh.bias ? bias.data() : nullptr;
+    a.scale = 0.125f;
+    a.out = out.data();
+    a.scratch = scratch.data();
+    kt->attend_decode(a);
+
+    auto rotate = [&](const float* x, std::vector<double>& y) {
+      y.assign(x, x + D);
+      if (!sh.rotary) return;
+      for (int64_t i = 0; i < half; ++i) {
+        y[i] = double{x[i]} * cos[i] - double{x[i + half]} * sin[i];
+        y[i + half] = double{x[i + half]} * cos[i] + double{x[i]} * sin[i];
+      }
+    };
+    std::vector<double> key, query;
+    rotate(k_new.data(), key);
+    char buf[200];
+    for (int64_t t = 0; t < C; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        const double want_k = t == T - 1 ? key[d] : kc0[t * D + d];
+        const double want_v = t == T - 1 ? v_new[d] : vc0[t * D + d];
+        if (std::fabs(kc[t * D + d] - want_k) > 1e-6 * (1 + std::fabs(want_k)) ||
+            vc[t * D + d] != static_cast<float>(want_v)) {
+          std::snprintf(buf, sizeof buf, "attend_decode D=%lld T=%lld: cache position %lld",
+                        (long long)D, (long long)T, (long long)t);
+          *why = buf;
+          return false;
+        }
+      }
+    for (int64_t j = 0; j < G; ++j) {
+      rotate(q.data() + j * D, query);
+      std::vector<double> s(T);
+      double m = -1e300;
+      for (int64_t t = 0; t < T; ++t) {
+        double dot = 0.0;
+        for (int64_t d = 0; d < D; ++d) dot += query[d] * kc[t * D + d];
+        s[t] = dot * 0.125 + (sh.bias ? double{bias[t]} : 0.0);
+        m = std::max(m, s[t]);
+      }
+      double sum = 0.0;
+      for (auto& x : s) sum += (x = std::exp(x - m));
+      for (int64_t d = 0; d < D; ++d) {
+        double want = 0.0;
+        for (int64_t t = 0; t < T; ++t) want += s[t] / sum * vc[t * D + d];
+        if (std::fabs(out[j * D + d] - want) > 2e-5 * (1 + std::fabs(want))) {
+          std::snprintf(buf, sizeof buf,
+                        "attend_decode D=%lld G=%lld T=%lld: out[%lld][%lld] is %.7g, not %.7g",
+                        (long long)D, (long long)G, (long long)T, (long long)j, (long long)d,
+                        out[j * D + d], want);
+          *why = buf;
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
 // Expected output of a rotated case and its allowed error per element.
 struct RotatedRef {
   std::vector<double> y, slack;  // [M][N]; slack: int8 path, rounding ties
@@ -1098,6 +1198,11 @@ int main(int argc, char** argv) {
       ++failed;
     }
     if (CheckTableHadamard(kt, rot_rng, &why)) ++passed;
+    else {
+      std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
+      ++failed;
+    }
+    if (CheckDecodeAttention(kt, rot_rng, &why)) ++passed;
     else {
       std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
       ++failed;

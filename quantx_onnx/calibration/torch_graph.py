@@ -528,6 +528,7 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "BatchNormalization"): _batch_norm,
     ("", "Resize"): _resize,
     (MS_DOMAIN, "GroupQueryAttention"): _group_query_attention,
+    ("com.quantx", "QxGroupQueryAttention"): _group_query_attention,  # the same contract
     (MS_DOMAIN, "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
 }

@@ -73,6 +73,30 @@ using MatMulFn = void (*)(const MatMulArgs& args, int64_t tile_begin, int64_t ti
 using QuantizeActFn = void (*)(const float* a, int64_t M, int64_t lda, const KBlock* blocks,
                                int64_t n_blocks, int8_t* q, float* scale, int32_t* sum);
 
+// One decode step (a single new token) of grouped-query attention for one batch row and one
+// KV head, the cache shared between past and present: the new key (rotated) and value are
+// written at position length - 1 of the caches, then each of the group's query heads j gets
+//   out_j = softmax_t(scale * rot(q_j) . k_t + bias[t]) v_t,  t < length.
+// rot is the rotate-half rotary embedding at the token's position (cos/sin rows of head_dim / 2
+// values), or none where cos is nullptr.
+struct DecodeAttentionArgs {
+  int64_t head_dim = 0;
+  int64_t group = 0;             // query heads sharing this KV head
+  int64_t length = 0;            // valid cache positions after the append, >= 1
+  const float* q = nullptr;      // [group][head_dim], before rotary
+  const float* k_new = nullptr;  // [head_dim], before rotary
+  const float* v_new = nullptr;  // [head_dim]
+  float* k_cache = nullptr;      // [capacity][head_dim], capacity >= length
+  float* v_cache = nullptr;      // [capacity][head_dim]
+  const float* cos = nullptr;    // [head_dim / 2] or nullptr (no rotary)
+  const float* sin = nullptr;
+  const float* bias = nullptr;  // [length] or nullptr
+  float scale = 1.0f;
+  float* out = nullptr;      // [group][head_dim]
+  float* scratch = nullptr;  // group * (length + head_dim) floats
+};
+using DecodeAttentionFn = void (*)(const DecodeAttentionArgs& args);
+
 struct KernelTable {
   const char* name;  // "ref", "avx2", "avx-vnni", "avx512", "neon", "neon-dotprod"
   MatMulFn matmul;   // handles every (bits, layout, path); fused fast paths where native
@@ -86,6 +110,9 @@ struct KernelTable {
   // x[0..K-1] <- x @ H_K / sqrt(K) with this ISA's vectors, bit-identical to
   // HadamardTransform (quantx/hadamard.h). nullptr: use HadamardTransform.
   void (*hadamard)(float* x, int64_t K) = nullptr;
+  // One decode step of attention (DecodeAttentionArgs). nullptr: QxGroupQueryAttention hands
+  // every step to ONNX Runtime's GroupQueryAttention.
+  DecodeAttentionFn attend_decode = nullptr;
 };
 
 uint64_t StreamReadPortable(const uint8_t* p, int64_t bytes);

@@ -69,6 +69,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "attention_avx2.h"
 #include "decode.h"
 #include "hadamard_simd.h"
 #include "portable.h"
@@ -1299,10 +1300,10 @@ void HadamardAvx2(float* x, int64_t K) { SimdHadamard<Avx2HadamardOps>::Transfor
 
 #if defined(QX_AVX_VNNI)
 const KernelTable kAvx2 = {"avx-vnni", MatMulAvx2, QuantizeActivationsAvx2, IsNative, nullptr,
-                           HadamardAvx2};
+                           HadamardAvx2, AttendDecodeAvx2};
 #else
 const KernelTable kAvx2 = {"avx2", MatMulAvx2, QuantizeActivationsAvx2, IsNative, nullptr,
-                           HadamardAvx2};
+                           HadamardAvx2, AttendDecodeAvx2};
 #endif
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_avx2.h"
 #include "decode.h"
 #include "hadamard_simd.h"
 #include "portable.h"
@@ -607,7 +608,7 @@ struct Avx512HadamardOps {
 void HadamardAvx512(float* x, int64_t K) { SimdHadamard<Avx512HadamardOps>::Transform(x, K); }
 
 const KernelTable kAvx512 = {"avx512", MatMulAvx512, QuantizeActivationsAvx512, Avx512Native,
-                             StreamReadAvx512, HadamardAvx512};
+                             StreamReadAvx512, HadamardAvx512, AttendDecodeAvx2};
 
 }  // namespace
 

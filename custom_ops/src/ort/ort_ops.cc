@@ -1,6 +1,7 @@
-// ONNX Runtime glue: registers the com.quantx ops, validates every node when its kernel is
-// created and every input when it runs, and reports problems as ORT error statuses naming the
-// node. No exception crosses the C API boundary.
+// ONNX Runtime glue: registers the com.quantx ops (QxGroupQueryAttention's kernel lives in
+// attention_op.cc), validates every node when its kernel is created and every input when it
+// runs, and reports problems as ORT error statuses naming the node. No exception crosses the C
+// API boundary.
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -14,6 +15,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "../kernels/decode.h"
+#include "ort_common.h"
 #include "quantx/dispatch.h"
 #include "quantx/hadamard.h"
 #include "quantx/matmul.h"
@@ -24,78 +26,10 @@
 namespace quantx {
 namespace {
 
-// Oldest ORT API with everything used here (KernelContext_ParallelFor came in 1.17).
-constexpr uint32_t kMinOrtApi = 17;
-constexpr const char* kDomain = "com.quantx";
-
-const OrtApi* g_api = nullptr;
-
-// Thrown by validation; turned into an ORT status at the boundary.
-struct OpError {
-  std::string message;
-};
-
-[[noreturn]] void Fail(const std::string& node, const std::string& op, const std::string& what) {
-  throw OpError{op + " node '" + node + "': " + what};
-}
-
-template <typename Fn>
-OrtStatusPtr Guard(Fn&& fn) {
-  try {
-    fn();
-    return nullptr;
-  } catch (const OpError& e) {
-    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
-  } catch (const Ort::Exception& e) {
-    return g_api->CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::bad_alloc&) {
-    return g_api->CreateStatus(ORT_FAIL, "quantx: out of memory");
-  } catch (const std::exception& e) {
-    return g_api->CreateStatus(ORT_FAIL, e.what());
-  } catch (...) {
-    return g_api->CreateStatus(ORT_FAIL, "quantx: unknown error");
-  }
-}
-
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
-
 // Inputs shared by both ops, after the op's first input.
 enum WeightInput { kB = 0, kScales, kZeroPoints, kSubScales, kCodebook, kInputScale, kNumWeight };
 const char* const kWeightInputNames[kNumWeight] = {"B",        "scales",   "zero_points",
                                                    "sub_scales", "codebook", "input_scale"};
-
-struct Tensor {
-  bool present = false;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> shape;
-  const void* data = nullptr;
-  int64_t count() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-};
-
-Tensor Describe(const Ort::ConstValue& v) {
-  Tensor t;
-  if (!v) return t;
-  t.present = true;
-  auto info = v.GetTensorTypeAndShapeInfo();
-  t.type = info.GetElementType();
-  t.shape = info.GetShape();
-  t.data = v.GetTensorRawData();
-  return t;
-}
-
-bool IsFloat(ONNXTensorElementDataType t) {
-  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-}
 
 // A weight's format from its attribute values; throws naming the node if they are invalid.
 WeightFormat MakeFormat(int64_t K, int64_t N, int64_t bits, int64_t group_size, int64_t layout,
@@ -115,36 +49,6 @@ WeightFormat MakeFormat(int64_t K, int64_t N, int64_t bits, int64_t group_size, 
   const std::string err = f.Validate();
   if (!err.empty()) Fail(node, op, err);
   return f;
-}
-
-// An int attribute (dflt when absent and not required).
-int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, bool required, int64_t dflt,
-                const std::string& node, const std::string& op) {
-  int64_t v = dflt;
-  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    g_api->ReleaseStatus(st);
-    if (required) Fail(node, op, std::string("missing required int attribute '") + name + "'");
-    return dflt;
-  }
-  return v;
-}
-
-// Whether the node has attribute `name` as an int or float (scalar), or as ints (ORT has no
-// type-free test; reading ints succeeds on an int attribute too, with no values).
-bool HasAttr(const Ort::ConstKernelInfo& info, const char* name, bool scalar_only) {
-  int64_t i = 0;
-  float f = 0.0f;
-  size_t size = 0;
-  for (int type = 0; type < (scalar_only ? 2 : 3); ++type) {
-    OrtStatus* st = type == 0   ? g_api->KernelInfoGetAttribute_int64(info, name, &i)
-                    : type == 1 ? g_api->KernelInfoGetAttribute_float(info, name, &f)
-                                : g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr,
-                                                                           &size);
-    if (!st) return true;
-    g_api->ReleaseStatus(st);
-  }
-  return false;
 }
 
 // Attribute 'rotate' of QxMatMul and QxGather: an int, 0 when absent. One of another type is
@@ -264,14 +168,6 @@ WeightView MakeView(const WeightFormat& f, const Tensor* w, const Derived& d) {
   return v;
 }
 
-std::string NodeName(const Ort::ConstKernelInfo& info) {
-  try {
-    return info.GetNodeName();
-  } catch (...) {
-    return "?";
-  }
-}
-
 // Input `index` of the node if it is a constant initializer (else an absent Tensor). Also
 // reports whether the optional input is wired at all.
 Tensor ConstantInput(const Ort::ConstKernelInfo& info, size_t index, bool* wired) {
@@ -316,24 +212,6 @@ struct WeightInputs {
     }
   }
 };
-
-// ONNX Runtime's intra-op thread pool as the drivers' parallel loop.
-ParallelFor OrtParallelFor(OrtKernelContext* raw) {
-  return [raw](int64_t n, const std::function<void(int64_t)>& fn) {
-    if (n == 1) {
-      fn(0);
-      return;
-    }
-    struct Call {
-      const std::function<void(int64_t)>* fn;
-    } call{&fn};
-    auto tramp = [](void* user, size_t i) {
-      (*static_cast<Call*>(user)->fn)(static_cast<int64_t>(i));
-    };
-    Ort::ThrowOnError(
-        g_api->KernelContext_ParallelFor(raw, tramp, static_cast<size_t>(n), 0, &call));
-  };
-}
 
 // The compute path of attribute accuracy_level: 4 = int8 activations, 0..3 float.
 ComputePath ReadPath(const Ort::ConstKernelInfo& info, const std::string& node,
@@ -832,6 +710,7 @@ QX_OPS_EXPORT OrtStatus* ORT_API_CALL QuantxRegisterCustomOps(OrtSessionOptions*
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.matmul));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.gather));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &ops.multi));
+    Ort::ThrowOnError(api->CustomOpDomain_Add(domain, AttentionCustomOp()));
     // The session options keep the domain; it must outlive every session that uses it, so it is
     // deliberately not released.
     Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
