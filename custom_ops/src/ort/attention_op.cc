@@ -224,6 +224,8 @@ struct AttentionKernel {
     }
     if (seqlens.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || seqlens.count() != B)
       Fail(node, kOp, "input 'seqlens_k' must be int32 [batch]");
+    if (bias.present && bias_len != total_len)
+      Fail(node, kOp, "'attention_bias' must have total_sequence_length positions");
 
     // Each row's valid length after the append, and its rotary position.
     const int32_t* lens = static_cast<const int32_t*>(seqlens.data);
@@ -236,8 +238,6 @@ struct AttentionKernel {
              "seqlens_k[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
                  " is outside the cache of " + std::to_string(capacity) +
                  " positions (total_sequence_length " + std::to_string(total_len) + ")");
-      if (bias.present && bias_len != total_len)
-        Fail(node, kOp, "'attention_bias' must have total_sequence_length positions");
       position[b] = pos.present ? static_cast<const int64_t*>(pos.data)[b] : length[b] - 1;
       if (rotary && (position[b] < 0 || position[b] >= cos.shape[0]))
         Fail(node, kOp,
