@@ -17,7 +17,7 @@ from quantx_onnx.passes.multi_matmul_rule import split_multi_matmuls
 from quantx_onnx import QuantConfig, optimize, reference
 from quantx_onnx.calibration.stages import StageRunner, partition
 from quantx_onnx.calibration.stats import InputStats
-from quantx_onnx.format import DOMAIN, Layout, WeightFormat, dequantize
+from quantx_onnx.format import DOMAIN, OP_GATHER, OP_MATMUL, Layout, WeightFormat, dequantize
 from quantx_onnx.quantize.gptq import output_error, quantize_gptq
 from quantx_onnx.quantize.mse import clip_search
 from quantx_onnx.quantize.rtn import finish_uniform, quantize_rtn
@@ -576,7 +576,12 @@ def test_end_to_end_learned_rounding_moves_codes_one_step(tiny_llama, tmp_path):
     def weights(run):
         model = ir.load(str(tmp_path / run / "model.onnx"))
         split_multi_matmuls(model)  # one QxMatMul per weight
-        return {n.name: reference.node_weight(n) for n in model.graph if n.domain == DOMAIN}
+        weight_ops = {(DOMAIN, OP_MATMUL), (DOMAIN, OP_GATHER)}  # not the attention nodes
+        return {
+            n.name: reference.node_weight(n)
+            for n in model.graph
+            if (n.domain, n.op_type) in weight_ops
+        }
 
     plain, learned = weights("False"), weights("True")
     steps = [np.abs(plain[k].codes.astype(int) - learned[k].codes.astype(int)) for k in plain]

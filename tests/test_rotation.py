@@ -179,14 +179,14 @@ def _rotations(path) -> dict[str, int]:
     import onnx_ir as ir
     from quantx_onnx.passes.multi_matmul_rule import split_multi_matmuls
 
-    from quantx_onnx.format import DOMAIN
+    from quantx_onnx.format import DOMAIN, OP_GATHER, OP_MATMUL
 
     model = ir.load(str(path))
     split_multi_matmuls(model)
     return {
         n.inputs[1].name: reference.node_weight(n).fmt.rotate
         for n in model.graph
-        if n.domain == DOMAIN
+        if n.domain == DOMAIN and n.op_type in (OP_MATMUL, OP_GATHER)  # weights, not attention
     }
 
 
