@@ -22,7 +22,8 @@ import onnx_ir as ir
 
 from quantx_onnx.format import DOMAIN
 
-MS_DOMAIN = "com.microsoft"
+from .attention_rule import MS_DOMAIN
+
 OP_ORT = "GroupQueryAttention"
 OP_QX = "QxGroupQueryAttention"
 # The attributes QxGroupQueryAttention forwards to ONNX Runtime's op (attention_op.cc).

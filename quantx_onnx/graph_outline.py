@@ -22,6 +22,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from .format import DOMAIN
+from .passes.qx_attention_rule import MS_DOMAIN, OP_ORT, OP_QX
+
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
 
@@ -45,11 +48,9 @@ def outline_of(model: ir.Model) -> GraphOutline:
     return GraphOutline(tuple(nodes), tuple(v.name for v in graph.outputs))
 
 
-# The attention ops that read the valid length from the mask and append in place.
-_IN_PLACE_ATTENTION = {
-    ("com.microsoft", "GroupQueryAttention"),
-    ("com.quantx", "QxGroupQueryAttention"),  # GroupQueryAttention's contract
-}
+# The attention ops that read the valid length from the mask and append in place (QuantX's has
+# GroupQueryAttention's contract).
+_IN_PLACE_ATTENTION = {(MS_DOMAIN, OP_ORT), (DOMAIN, OP_QX)}
 
 
 def appends_kv_in_place(graph: GraphOutline) -> bool:

@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from ..format import DOMAIN
+from ..passes.qx_attention_rule import OP_QX as OP_QX_ATTENTION
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -528,7 +531,7 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "BatchNormalization"): _batch_norm,
     ("", "Resize"): _resize,
     (MS_DOMAIN, "GroupQueryAttention"): _group_query_attention,
-    ("com.quantx", "QxGroupQueryAttention"): _group_query_attention,  # the same contract
+    (DOMAIN, OP_QX_ATTENTION): _group_query_attention,  # the same contract
     (MS_DOMAIN, "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
 }

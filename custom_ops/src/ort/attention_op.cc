@@ -142,14 +142,12 @@ struct AttentionKernel {
     if (!kernels) Fail(node, kOp, why);
   }
 
-  Tensor In(Ort::KernelContext& ctx, size_t i) const {
-    return i < n_inputs ? Describe(ctx.GetInput(i)) : Tensor{};
-  }
-
   void Compute(OrtKernelContext* raw_ctx) const {
     Ort::KernelContext ctx(raw_ctx);
-    const Tensor q = In(ctx, kQuery), k = In(ctx, kKey), past_k = In(ctx, kPastKey),
-                 past_v = In(ctx, kPastValue), total = In(ctx, kTotalLength);
+    Tensor in[kNumInputs];  // absent beyond the node's inputs
+    for (size_t i = 0; i < n_inputs; ++i) in[i] = Describe(ctx.GetInput(i));
+    const Tensor &q = in[kQuery], &k = in[kKey], &past_k = in[kPastKey], &past_v = in[kPastValue],
+                 &total = in[kTotalLength];
     // The output shapes as GroupQueryAttention computes them; checked first, since the
     // delegated op writes into the outputs allocated here.
     if (q.shape.size() != 3 || k.shape.size() != 3 || k.shape[0] != q.shape[0] ||
@@ -179,7 +177,7 @@ struct AttentionKernel {
     Ort::UnownedValue present_v = ctx.GetOutput(2, present_shape);
     const bool shared =
         present_k.GetTensorRawData() == past_k.data && present_v.GetTensorRawData() == past_v.data;
-    if (shared && S == 1 && DecodeStep(ctx, raw_ctx, B, D, cache_shape[2], total_len, out)) return;
+    if (shared && S == 1 && DecodeStep(in, raw_ctx, B, D, cache_shape[2], total_len, out)) return;
     std::vector<const OrtValue*> inputs(n_inputs, nullptr);
     for (size_t i = 0; i < n_inputs; ++i) inputs[i] = ctx.GetInput(i);
     OrtValue* outputs[kNumOutputs] = {out, present_k, present_v};
@@ -189,19 +187,19 @@ struct AttentionKernel {
 
   // The decode kernel on one token per row, appending in place to caches of `capacity`
   // positions. False where the step is not one it implements (ONNX Runtime's op runs it).
-  bool DecodeStep(Ort::KernelContext& ctx, OrtKernelContext* raw_ctx, int64_t B, int64_t D,
+  bool DecodeStep(const Tensor (&in)[kNumInputs], OrtKernelContext* raw_ctx, int64_t B, int64_t D,
                   int64_t capacity, int64_t total_len, Ort::UnownedValue& out) const {
     if (!own_kernel || !kernels->attend_decode || D % 2) return false;
-    const Tensor q = In(ctx, kQuery), k = In(ctx, kKey), v = In(ctx, kValue),
-                 past_k = In(ctx, kPastKey), seqlens = In(ctx, kSeqlensK), cos = In(ctx, kCosCache),
-                 sin = In(ctx, kSinCache), pos = In(ctx, kPositionIds),
-                 bias = In(ctx, kAttentionBias), query_lengths = In(ctx, kQueryLengths);
+    const Tensor &q = in[kQuery], &k = in[kKey], &v = in[kValue], &past_k = in[kPastKey],
+                 &past_v = in[kPastValue], &seqlens = in[kSeqlensK], &cos = in[kCosCache],
+                 &sin = in[kSinCache], &pos = in[kPositionIds], &bias = in[kAttentionBias],
+                 &query_lengths = in[kQueryLengths];
     constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     if (q.type != kF32 || k.type != kF32 || v.type != kF32 || v.shape != k.shape ||
         past_k.type != kF32)
       return false;
     for (size_t i = kHeadSink; i < kQueryLengths; ++i)
-      if (In(ctx, i).present) return false;
+      if (in[i].present) return false;
     if (query_lengths.present) {
       if (query_lengths.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || query_lengths.count() != B)
         return false;
@@ -252,7 +250,7 @@ struct AttentionKernel {
     const float* kf = static_cast<const float*>(k.data);
     const float* vf = static_cast<const float*>(v.data);
     float* k_cache = static_cast<float*>(const_cast<void*>(past_k.data));
-    float* v_cache = static_cast<float*>(const_cast<void*>(In(ctx, kPastValue).data));
+    float* v_cache = static_cast<float*>(const_cast<void*>(past_v.data));
     float* y = out.GetTensorMutableData<float>();
     const float s = scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(D));
     auto task = [&](int64_t i) {
