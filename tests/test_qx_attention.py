@@ -116,7 +116,8 @@ def test_handed_on_calls_are_onnxruntime_bit_for_bit(rng, batch, seq, past):
     [
         (1, 0, 8, 9, 3, 64, 1),  # first token into an empty cache
         (1, 159, 256, 9, 3, 64, 1),  # SmolLM2's heads
-        (2, 300, 320, 9, 3, 64, 2),  # the threaded tasks (>= 256 positions)
+        (2, 300, 320, 9, 3, 64, 2),  # the threaded tasks (>= 64 positions)
+        (2, 30, 40, 9, 3, 64, 2),  # two threads, tasks on the calling thread (< 64)
         (1, 1000, 1024, 9, 3, 64, 2),
         (2, 41, 64, 4, 4, 128, 1),  # multi-head attention, 128-wide heads
         (1, 13, 16, 8, 2, 32, 1),

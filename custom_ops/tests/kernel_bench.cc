@@ -3,6 +3,7 @@
 //
 //   quantx_kernel_bench --isa avx512 --K 4096 --N 4096 --M 1 --bits 3 --group 64
 //                       [--layout 1] [--path 4] [--threads 2] [--iters 200] [--rotate 1]
+//                       [--scale-bits 4 --super-group 8]  (hierarchical scales, as models use)
 // Prints the median time per matmul and the weight bytes streamed per second.
 #include <algorithm>
 #include <atomic>
@@ -75,6 +76,7 @@ int main(int argc, char** argv) {
   std::string isa = "ref";
   int64_t K = 4096, N = 4096, M = 1, group = 64;
   int bits = 3, layout = 1, path = 4, threads = 2, iters = 100, copies = 1, rotate = 0;
+  int scale_bits = 0, super_group = 8;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -90,6 +92,8 @@ int main(int argc, char** argv) {
     else if (k == "--iters") iters = std::atoi(v);
     else if (k == "--copies") copies = std::max(1, std::atoi(v));
     else if (k == "--rotate") rotate = std::atoi(v);
+    else if (k == "--scale-bits") scale_bits = std::atoi(v);
+    else if (k == "--super-group") super_group = std::atoi(v);
   }
   std::string why;
   const KernelTable* kt = KernelsByName(isa, &why);
@@ -103,6 +107,8 @@ int main(int argc, char** argv) {
   f.bits = bits;
   f.group_size = group;
   f.layout = static_cast<Layout>(layout);
+  f.scale_bits = scale_bits;
+  f.super_group = scale_bits ? super_group : 0;
   if (!f.Validate().empty()) {
     std::fprintf(stderr, "%s\n", f.Validate().c_str());
     return 2;
@@ -121,9 +127,11 @@ int main(int argc, char** argv) {
   // --copies C: rotate over C distinct weight copies (C x the weight bytes beyond the last-level
   // cache makes every run read from DRAM, as a real model's decode does)
   const size_t per_copy = count(s.B);
-  std::vector<uint8_t> B(per_copy * copies), zp(count(s.zero_points) * copies);
+  std::vector<uint8_t> B(per_copy * copies), zp(count(s.zero_points) * copies),
+      sub(count(s.sub_scales) * copies);
   for (auto& b : B) b = static_cast<uint8_t>(rng());
   for (auto& b : zp) b = static_cast<uint8_t>(rng());
+  for (auto& b : sub) b = static_cast<uint8_t>(rng());
   std::vector<uint16_t> scales(count(s.scales) * copies, FloatToHalf(0.01f));
   std::vector<float> a(static_cast<size_t>(M * K)), y(static_cast<size_t>(M * N));
   std::normal_distribution<float> normal;
@@ -135,6 +143,7 @@ int main(int argc, char** argv) {
   plan.w.scales = scales.data();
   plan.w.scales_f16 = true;
   plan.w.zero_points = zp.data();
+  plan.w.sub_scales = scale_bits ? sub.data() : nullptr;
   plan.path = static_cast<ComputePath>(path);
   plan.kernels = kt;
   plan.rotate = rotate != 0;  // K must then be 12^a * 2^b
@@ -148,6 +157,7 @@ int main(int argc, char** argv) {
     plan.w.B = B.data() + c * per_copy;
     plan.w.zero_points = zp.data() + c * (zp.size() / copies);
     plan.w.scales = scales.data() + c * (scales.size() / copies);
+    if (scale_bits) plan.w.sub_scales = sub.data() + c * (sub.size() / copies);
     auto t0 = std::chrono::steady_clock::now();
     RunMatMul(plan, a.data(), ElemType::kFloat32, M, y.data(), pf);
     auto t1 = std::chrono::steady_clock::now();
@@ -156,7 +166,8 @@ int main(int argc, char** argv) {
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
   // Streaming roofline: read the same bytes (rotating over as many copies), same threads.
-  const size_t copy_bytes = (B.size() + zp.size() + scales.size() * 2) / copies / 64 * 64;
+  const size_t all_bytes = B.size() + zp.size() + sub.size() + scales.size() * 2;
+  const size_t copy_bytes = all_bytes / copies / 64 * 64;
   std::vector<uint8_t> buf(copy_bytes * copies, 1);
   auto stream = kt->stream_read ? kt->stream_read : StreamReadPortable;
   std::vector<double> st;
@@ -174,12 +185,12 @@ int main(int argc, char** argv) {
   }
   std::sort(st.begin(), st.end());
   const double roof = st[st.size() / 2];
-  const double bytes = static_cast<double>(B.size() + zp.size() + scales.size() * 2) / copies;
+  const double bytes = static_cast<double>(all_bytes) / copies;
   std::printf("isa=%s M=%lld K=%lld N=%lld bits=%d group=%lld layout=%d path=%d rotate=%d "
-              "threads=%d: "
+              "scale_bits=%d threads=%d: "
               "%.4f ms  %.1f GB/s  %.1f GMAC/s  (stream %.4f ms, %.2fx)\n",
               kt->name, (long long)M, (long long)K, (long long)N, bits, (long long)group, layout,
-              path, rotate, threads, med, bytes / med / 1e6, double(M) * K * N / med / 1e6, roof,
+              path, rotate, scale_bits, threads, med, bytes / med / 1e6, double(M) * K * N / med / 1e6, roof,
               med / roof);
   return 0;
 }

@@ -13,8 +13,8 @@
 // hierarchical sub-scales (16 packed values per tile and group) expand with two pdep (BMI2).
 //
 // Paths: int8 activations (accuracy_level 4) use vpdpbusd; decode (<= 4 rows) unpacks in
-// registers and streams the weights once; prefill unpacks each (tile, block) into a 2 KB L1
-// buffer and reuses it across all rows with an 8-row register-blocked microkernel. Float
+// registers and streams the weights once; prefill unpacks each tile once into an L1/L2 buffer
+// and runs an 8-row register-blocked microkernel over the whole tile per chunk of rows. Float
 // activations dequantize each (tile, block) to a [k][16] float buffer for an FMA microkernel.
 // Layouts or grids this file does not read natively (ROW, codebooks) go through the portable
 // unpackers into the same buffers.
@@ -43,7 +43,6 @@
 namespace quantx {
 namespace {
 
-constexpr int kMaxSteps = kActBlockMax / 4;  // k4-steps in the longest block
 constexpr int kDecodeRowsMax = 4;
 constexpr int kMicroRows = 8;
 constexpr int kPrefetchBytes = QX_PREFETCH;
@@ -339,79 +338,111 @@ void UnpackBlockU8(const uint8_t* sb, int64_t length, uint8_t* wbuf) {
   }
 }
 
-// R rows x 16 columns over one (tile, block): the unpacked weights in `wbuf` are loaded once
-// per k4-step and reused by every row. The accumulators must stay local to this function:
-// passed by pointer, GCC spills them to the stack after every vpdpbusd.
+// Per (tile, block) parameters of the prefill: the block's scale and zero point per column,
+// read by every row chunk.
+struct BlockParams {
+  __m512 scale, zero;
+};
+
+// R rows x 16 columns over a whole tile: `wbuf` holds the tile's unpacked codes (64 bytes per
+// k4-step, blocks in stored-k order), `params` each block's scale and zero. The row sums y
+// stay in registers over all blocks, and per (row, block) the epilogue is four instructions:
+// y += (scale * sa) * (dot - zero * isum), sa and isum broadcast from memory (isum as float,
+// exact below 2^24). The accumulators must stay local to this function: passed by pointer,
+// GCC spills them to the stack after every vpdpbusd.
 template <int R>
-void Int8Rows(const MatMulArgs& args, const uint8_t* wbuf, const KBlock& b, int64_t bi,
-              const GroupParams& p, int64_t m, float* y) {
-  __m512i acc[R];
+void Int8RowsTile(const MatMulArgs& args, const uint8_t* wbuf, const BlockParams* params,
+                  const float* isum, int64_t m, int64_t tile) {
+  __m512 y[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-  const int8_t* a = args.a_i8 + m * args.lda + b.offset;
-  const int64_t lda = args.lda;
-  const int64_t steps = b.length / 4;
-  for (int64_t q = 0; q < steps; ++q) {
-    const __m512i wv = _mm512_load_si512(wbuf + 64 * q);
+  for (int r = 0; r < R; ++r) y[r] = _mm512_setzero_ps();
+  const int64_t lda = args.lda, nb = args.n_blocks;
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const KBlock& b = args.blocks[bi];
+    const uint8_t* wb = wbuf + b.offset * 16;
+    const int8_t* a = args.a_i8 + m * lda + b.offset;
+    __m512i acc[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) Dot4Mem(acc[r], wv, a + r * lda + 4 * q);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    const int64_t steps = b.length / 4;
+    for (int64_t q = 0; q < steps; ++q) {
+      const __m512i wv = _mm512_load_si512(wb + 64 * q);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) Dot4Mem(acc[r], wv, a + r * lda + 4 * q);
+    }
+    const __m512 scale = params[bi].scale, zero = params[bi].zero;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t idx = (m + r) * nb + bi;
+      const __m512 d =
+          _mm512_fnmadd_ps(zero, _mm512_set1_ps(isum[idx]), _mm512_cvtepi32_ps(acc[r]));
+      y[r] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(args.a_scale[idx])), d, y[r]);
+    }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const int64_t idx = (m + r) * args.n_blocks + bi;
-    float* yr = y + r * kTileN;
-    _mm512_store_ps(yr, Int8Epilogue(_mm512_load_ps(yr), acc[r], p, args.a_scale[idx],
-                                     args.a_sum[idx]));
-  }
+  for (int r = 0; r < R; ++r) StoreRow(args, m + r, tile, y[r]);
 }
 
-void Int8RowsAny(const MatMulArgs& args, const uint8_t* wbuf, const KBlock& b, int64_t bi,
-                 const GroupParams& p, int64_t m, int64_t rows, float* y) {
-  for (; rows >= kMicroRows; rows -= kMicroRows, m += kMicroRows, y += kMicroRows * kTileN)
-    Int8Rows<kMicroRows>(args, wbuf, b, bi, p, m, y);
+void Int8RowsTileAny(const MatMulArgs& args, const uint8_t* wbuf, const BlockParams* params,
+                     const float* isum, int64_t m, int64_t rows, int64_t tile) {
+  for (; rows >= kMicroRows; rows -= kMicroRows, m += kMicroRows)
+    Int8RowsTile<kMicroRows>(args, wbuf, params, isum, m, tile);
   switch (rows) {
-    case 7: return Int8Rows<7>(args, wbuf, b, bi, p, m, y);
-    case 6: return Int8Rows<6>(args, wbuf, b, bi, p, m, y);
-    case 5: return Int8Rows<5>(args, wbuf, b, bi, p, m, y);
-    case 4: return Int8Rows<4>(args, wbuf, b, bi, p, m, y);
-    case 3: return Int8Rows<3>(args, wbuf, b, bi, p, m, y);
-    case 2: return Int8Rows<2>(args, wbuf, b, bi, p, m, y);
-    case 1: return Int8Rows<1>(args, wbuf, b, bi, p, m, y);
+    case 7: return Int8RowsTile<7>(args, wbuf, params, isum, m, tile);
+    case 6: return Int8RowsTile<6>(args, wbuf, params, isum, m, tile);
+    case 5: return Int8RowsTile<5>(args, wbuf, params, isum, m, tile);
+    case 4: return Int8RowsTile<4>(args, wbuf, params, isum, m, tile);
+    case 3: return Int8RowsTile<3>(args, wbuf, params, isum, m, tile);
+    case 2: return Int8RowsTile<2>(args, wbuf, params, isum, m, tile);
+    case 1: return Int8RowsTile<1>(args, wbuf, params, isum, m, tile);
     default: return;
   }
 }
 
-// `native_bits` = 0: unpack through the portable decoder (any layout, codebooks).
+// Int8 prefill: each tile is unpacked once into `wbuf` (k_stored x 16 bytes: 9 KB for
+// K = 576, in L1; 176 KB for K = 11008, in L2) with its blocks' parameters, then every chunk
+// of 8 rows runs over the whole tile. `kBits` = 0: unpack through the portable decoder (any
+// layout, codebooks).
 template <int kBits>
 void Int8Prefill(const MatMulArgs& args, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   const WeightView& w = *args.w;
-  const int64_t rows = m1 - m0;
-  std::vector<float, std::allocator<float>> ybuf_store(static_cast<size_t>(rows * kTileN + 16));
-  float* ybuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ybuf_store.data()) + 63) &
-                                         ~uintptr_t{63});
-  alignas(64) uint8_t wbuf[kMaxSteps * 64];
+  const int64_t nb = args.n_blocks;
+  thread_local std::vector<uint8_t> wbuf_store;
+  thread_local std::vector<BlockParams> params_store;
+  thread_local std::vector<float> isum_store;
+  const size_t wbuf_bytes = static_cast<size_t>(w.fmt.k_stored() * kTileN) + 64;
+  if (wbuf_store.size() < wbuf_bytes) wbuf_store.resize(wbuf_bytes);
+  uint8_t* wbuf = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(wbuf_store.data()) + 63) & ~uintptr_t{63});
+  if (params_store.size() < static_cast<size_t>(nb)) params_store.resize(static_cast<size_t>(nb));
+  BlockParams* params = params_store.data();
+  // the rows' activation sums as floats, once per call
+  const size_t n_sums = static_cast<size_t>(m1 * nb);
+  if (isum_store.size() < n_sums) isum_store.resize(n_sums);
+  float* isum = isum_store.data();
+  for (int64_t i = m0 * nb; i < m1 * nb; ++i) isum[i] = static_cast<float>(args.a_sum[i]);
   alignas(64) float scale[kTileN], zero[kTileN];
   for (int64_t t = t0; t < t1; ++t) {
-    std::fill(ybuf, ybuf + rows * kTileN, 0.0f);
     const uint8_t* codes = kBits ? TileCodes(w, t) : nullptr;
-    const ParamCursor<kBits ? kBits : 8> params(w, t);
+    const ParamCursor<kBits ? kBits : 8> cursor(w, t);
     GroupParams p{};
     int64_t group = -1;
-    for (int64_t bi = 0; bi < args.n_blocks; ++bi) {
+    for (int64_t bi = 0; bi < nb; ++bi) {
       const KBlock& b = args.blocks[bi];
+      uint8_t* wb = wbuf + b.offset * 16;
       if constexpr (kBits != 0) {
         if (b.group != group) {
           group = b.group;
-          p = params.Get(group);
+          p = cursor.Get(group);
         }
-        UnpackBlockU8<kBits>(codes + (b.offset / kKAlign) * 32 * kBits, b.length, wbuf);
+        UnpackBlockU8<kBits>(codes + (b.offset / kKAlign) * 32 * kBits, b.length, wb);
       } else {
-        UnpackTileU8(w, t, b, wbuf, scale, zero);
+        UnpackTileU8(w, t, b, wb, scale, zero);
         p = PortableParams(scale, zero);
       }
-      Int8RowsAny(args, wbuf, b, bi, p, m0, rows, ybuf);
+      params[bi] = {p.scale, p.zero};
     }
-    for (int64_t r = 0; r < rows; ++r) StoreRow(args, m0 + r, t, _mm512_load_ps(ybuf + r * kTileN));
+    Int8RowsTileAny(args, wbuf, params, isum, m0, m1 - m0, t);
   }
 }
 

@@ -71,11 +71,12 @@ bool IntAttrIfAny(const Ort::ConstKernelInfo& info, const char* name, int64_t* o
   return false;
 }
 
-// Positions of one row's cache from which the decode kernel's tasks run on the thread pool:
-// below, one (row, KV head) costs less than handing it to another thread. On SmolLM2 with 2
-// threads (3 KV heads), whole decode steps at depths 400-1000 were 1.05-1.18x faster than with
-// ONNX Runtime's op, against 0.92-1.02x with every task on the calling thread (docs/PERF.md).
-constexpr int64_t kParallelMinLength = 256;
+// Positions of one row's cache from which the decode kernel's tasks (one per row and KV head)
+// run on the thread pool: below, a task costs less than handing it to another thread. In a
+// decode step the pool's threads are awake (they just ran a matmul), so the hand-off is cheap:
+// on SmolLM2 with 2 threads (3 KV heads), steps at depths 128-160 were 4-8% faster threaded
+// from 64 positions than from 256, at 100 about 2%, at 16-40 within +-2% (docs/PERF.md).
+constexpr int64_t kParallelMinLength = 64;
 
 struct AttentionKernel {
   std::string node;
