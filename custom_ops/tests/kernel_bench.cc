@@ -190,7 +190,7 @@ int main(int argc, char** argv) {
               "scale_bits=%d threads=%d: "
               "%.4f ms  %.1f GB/s  %.1f GMAC/s  (stream %.4f ms, %.2fx)\n",
               kt->name, (long long)M, (long long)K, (long long)N, bits, (long long)group, layout,
-              path, rotate, scale_bits, threads, med, bytes / med / 1e6, double(M) * K * N / med / 1e6, roof,
-              med / roof);
+              path, rotate, scale_bits, threads, med, bytes / med / 1e6,
+              double(M) * K * N / med / 1e6, roof, med / roof);
   return 0;
 }
