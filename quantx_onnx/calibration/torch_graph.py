@@ -21,9 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ..format import DOMAIN
+from ..passes.qx_attention_rule import MS_DOMAIN
+from ..passes.qx_attention_rule import OP_ORT as OP_ORT_ATTENTION
 from ..passes.qx_attention_rule import OP_QX as OP_QX_ATTENTION
-
-MS_DOMAIN = "com.microsoft"
 
 
 class UnsupportedOp(ValueError):
@@ -530,7 +530,7 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "ConvTranspose"): _conv_transpose,
     ("", "BatchNormalization"): _batch_norm,
     ("", "Resize"): _resize,
-    (MS_DOMAIN, "GroupQueryAttention"): _group_query_attention,
+    (MS_DOMAIN, OP_ORT_ATTENTION): _group_query_attention,
     (DOMAIN, OP_QX_ATTENTION): _group_query_attention,  # the same contract
     (MS_DOMAIN, "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
